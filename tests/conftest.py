@@ -1,0 +1,11 @@
+import os
+
+from hypothesis import HealthCheck, settings
+
+# Every new grid shape compiles, so examples are few but each is a whole batch of masks.
+settings.register_profile(
+    "ci", max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "10")), deadline=None,
+    suppress_health_check=[HealthCheck.too_slow], derandomize=True, print_blob=True)
+settings.register_profile("thorough", max_examples=200, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
