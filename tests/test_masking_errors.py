@@ -66,3 +66,14 @@ def test_bad_schedule_arguments():
 def test_register_masker_rejects_duplicates():
     with pytest.raises(ValueError, match="already registered"):
         masking.register_masker("random")(lambda spec_args: None)
+
+
+def test_every_config_variant_builds():
+    import configs.maskers as cm
+
+    for variant in cm.VARIANTS:
+        for arg in (variant, variant + ",mae"):
+            masker = masking.make_masker(**cm.get_config(arg).to_dict())
+            assert masker.num_keep == (47 if arg.endswith("mae") else 57)
+    with pytest.raises(ValueError, match="unknown variant"):
+        cm.get_config("nope")
