@@ -398,7 +398,7 @@ _LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
 
 
 def _make_block(spec_args, min_patches=16, tries=10, max_rounds=None):
-    grid, num_keep = spec_args
+    grid, num_keep, _ = spec_args
     n = grid[0] * grid[1]
     num_masked = n - num_keep
     if not 1 <= min_patches <= num_masked:
@@ -469,15 +469,14 @@ def block_mask(key, batch: int, grid, num_masked: int, min_patches: int, tries: 
 # -- inverse block (data2vec 2.0 / EAT) ---------------------------------------------------
 
 def _make_inverse_block(spec_args, block_size=5, adjust=0.07):
-    grid, num_keep = spec_args
+    grid, _, mask_ratio = spec_args
     b = int(block_size)
     if b < 1 or b > min(grid):
         raise ValueError(f"inverse_block: block_size {block_size} does not fit the "
                          f"{grid[0]} x {grid[1]} patch grid (need 1 <= block_size <= "
                          f"{min(grid)})")
     n = grid[0] * grid[1]
-    keep_ratio = num_keep / n  # q = 1 - p, exactly as the count K implies
-    num_centres = int(n * (keep_ratio + adjust) / b**2)
+    num_centres = int(n * (1 - mask_ratio + adjust) / b**2)  # blocks describe the visible
     if num_centres < 1:
         raise ValueError(f"inverse_block: int(N * (1 - mask_ratio + adjust) / block_size^2) "
                          f"= 0 block centres on a {grid[0]} x {grid[1]} grid; use a smaller "
@@ -586,7 +585,8 @@ MASKERS: dict[str, Callable] = {
 
 
 def register_masker(name: str):
-    """Decorator adding a strategy. The decorated ``factory((grid, num_keep), **options)``
+    """Decorator adding a strategy. The decorated
+    ``factory((grid, num_keep, mask_ratio), **options)``
     returns ``(visible_fn, resolved_options, needs_features)`` where
     ``visible_fn(spec, key, x, features) -> bool [B, N]`` with exactly K True per row."""
     def deco(factory):
@@ -618,7 +618,8 @@ def make_masker(name: str, *, input_shape=(80, 608), patch_size=(16, 16),
         raise ValueError(f"mask_ratio {mask_ratio} on a {grid[0]} x {grid[1]} grid ({n} "
                          f"patches) leaves {num_keep} visible; need 1 .. {n - 1}")
     try:
-        fn, resolved, needs_features = MASKERS[name]((grid, num_keep), **options)
+        fn, resolved, needs_features = MASKERS[name]((grid, num_keep, float(mask_ratio)),
+                                                     **options)
     except TypeError as e:  # unknown keyword for this strategy
         raise TypeError(f"bad option for the {name!r} masker: {e}") from None
     return Masker(name=name, input_shape=tuple(input_shape), patch_size=tuple(patch_size),
