@@ -69,8 +69,8 @@ def plot_hint_schedule(path: str, total_epochs: int = 300, start_epoch: int = 50
     epochs = np.arange(total_epochs + 1)
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for k in ks:
-        r = [masking.hint_schedule(int(e), total_epochs=total_epochs, start_epoch=start_epoch,
-                                   k=k) for e in epochs]
+        r = masking.hint_schedule(epochs, total_epochs=total_epochs, start_epoch=start_epoch,
+                                  k=k)
         ax.plot(epochs, r, label=f"k = {k}" + (" (default)" if k == 2 else ""))
     ax.axhline(0.5, ls="--", c="0.5", lw=1, label="constant 0.5")
     ax.set_xlabel("epoch")
