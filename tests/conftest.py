@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 from hypothesis import HealthCheck, settings
 
 # Every new grid shape compiles, so examples are few but each is a whole batch of masks.
@@ -9,3 +11,13 @@ settings.register_profile(
 settings.register_profile("thorough", max_examples=200, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_small(tmp_path_factory):
+    """The 'small' synthetic_sounds config (96/24/48 clips), built once per test process."""
+    from dwm_jax import data
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    builder = data.build("synthetic_sounds", data_dir, config="small")
+    return data_dir, builder

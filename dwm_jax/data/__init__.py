@@ -1,0 +1,17 @@
+"""Datasets and input pipelines: TFDS builders (synthetic_sounds, audio_folder) that store
+log-mel spectrograms, and Grain loaders that read them without TensorFlow.
+
+  cli.py        the ``python -m dwm_jax.data`` CLI
+  builders.py   the TFDS builders, presets, build-time statistics, build()
+  pipeline.py   open_split, train_loader, eval_loader, whole_clips, NormStats
+  synthetic.py  the procedural sound classes
+"""
+
+from dwm_jax.data.builders import (AudioFolderConfig, BuildError, SyntheticSoundsConfig,
+                                   audio_folder_config, build)
+from dwm_jax.data.pipeline import (DatasetSplit, NormStats, eval_loader, open_split, train_loader,
+                                   whole_clips)
+
+__all__ = ["build", "AudioFolderConfig", "BuildError", "SyntheticSoundsConfig",
+           "audio_folder_config", "DatasetSplit", "NormStats", "eval_loader", "open_split",
+           "train_loader", "whole_clips"]

@@ -1,0 +1,412 @@
+"""TFDS builders that store log-mel spectrograms in array_record files.
+
+``synthetic_sounds`` is the built-in offline dataset (procedural, deterministic by seed).
+``audio_folder`` turns a directory of audio files, with an optional CSV of
+``filename,label[,split|fold]`` (ESC-50 and UrbanSound8K presets), into a dataset; without
+labels it is an unlabelled pretraining set (AudioSet-style file lists).
+
+Every example holds ``log_mel`` [n_mels, frames] (float16 by default; long clips are kept
+whole and cropped when read), ``filename`` and, for labelled sets, ``label``. Normalisation
+statistics (sums and sums of squares per mel bin, per split) are accumulated while a split is
+written and stored in the dataset's ``metadata.json`` together with the front-end settings,
+the builder config and any skipped files. Reading needs no TensorFlow (see pipeline.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from dwm_jax import audio
+from dwm_jax.data import synthetic
+
+log = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+_SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class BuildError(ValueError):
+    """A dataset cannot be built as configured; the message names the file, row or field."""
+
+
+class _SplitStats:
+    """Streaming per-mel-bin sums for one split (float64, exact enough for 1e10 frames)."""
+
+    def __init__(self, n_mels: int):
+        self.clips = 0
+        self.frames = 0
+        self.sum = np.zeros(n_mels, np.float64)
+        self.sumsq = np.zeros(n_mels, np.float64)
+
+    def add(self, log_mel: np.ndarray):
+        x = log_mel.astype(np.float64)
+        self.clips += 1
+        self.frames += x.shape[1]
+        self.sum += x.sum(axis=1)
+        self.sumsq += np.square(x).sum(axis=1)
+
+    def to_json(self) -> dict:
+        n = max(self.frames, 1)
+        n_mels = len(self.sum)
+        mean = self.sum.sum() / (n * n_mels)
+        var = max(self.sumsq.sum() / (n * n_mels) - mean ** 2, 0.0)
+        return {"clips": self.clips, "frames": self.frames, "mean": float(mean),
+                "std": float(np.sqrt(var)), "sum": self.sum.tolist(),
+                "sumsq": self.sumsq.tolist()}
+
+
+def _config_record(config: tfds.core.BuilderConfig) -> dict:
+    """The fields of a builder config that decide the data (JSON-able)."""
+    skip = {"name", "version", "release_notes", "supported_versions", "description", "tags"}
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.name in skip:
+            continue
+        value = getattr(config, f.name)
+        out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+class _LogMelBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Shared parts: features, statistics and metadata of log-mel datasets."""
+
+    def _features(self, label_names):
+        cfg = self.builder_config
+        features = {
+            "log_mel": tfds.features.Tensor(shape=(cfg.frontend.n_mels, None),
+                                            dtype=np.dtype(cfg.dtype)),
+            "filename": tfds.features.Text(),
+        }
+        if label_names is not None:
+            features["label"] = tfds.features.ClassLabel(names=list(label_names))
+        return tfds.features.FeaturesDict(features)
+
+    def _check_config(self):
+        cfg = self.builder_config
+        if np.dtype(cfg.dtype) not in (np.float16, np.float32):
+            raise BuildError(f"{self.name}/{cfg.name}: dtype must be 'float16' or 'float32'; "
+                             f"got {cfg.dtype!r}")
+
+    def _metadata(self) -> tfds.core.MetadataDict:
+        meta = tfds.core.MetadataDict()
+        meta["frontend"] = dataclasses.asdict(self.builder_config.frontend)
+        meta["builder_config"] = _config_record(self.builder_config)
+        meta["stats"] = {}
+        meta["skipped_files"] = {}
+        return meta
+
+    def _finish_split(self, split: str, stats: _SplitStats, skipped: list[dict]):
+        self.info.metadata["stats"][split] = stats.to_json()
+        self.info.metadata["skipped_files"][split] = skipped
+        if skipped:
+            log.warning("%s: skipped %d unreadable file(s) in split %r: %s", self.name,
+                        len(skipped), split, ", ".join(s["file"] for s in skipped))
+
+    def _store(self, log_mel: np.ndarray) -> np.ndarray:
+        return log_mel.astype(self.builder_config.dtype)
+
+
+# --------------------------------------------------------------------------- synthetic_sounds
+
+@dataclasses.dataclass
+class SyntheticSoundsConfig(tfds.core.BuilderConfig):
+    """Clips per class in each split, the seed, clip length and storage dtype."""
+
+    train_per_class: int = 80
+    valid_per_class: int = 20
+    test_per_class: int = 20
+    seed: int = 0
+    seconds: float = 6.08
+    dtype: str = "float16"
+    frontend: audio.LogMelFrontEnd = audio.LogMelFrontEnd()
+
+
+class SyntheticSounds(_LogMelBuilder):
+    """Twelve procedural sound classes (see synthetic.py): the default offline dataset."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [
+        SyntheticSoundsConfig(name="default", description="80/20/20 clips per class, 6.08 s"),
+        SyntheticSoundsConfig(name="small", train_per_class=8, valid_per_class=2,
+                              test_per_class=4, description="for tests and smoke runs"),
+    ]
+    SPLITS = ("train", "valid", "test")
+
+    def _info(self):
+        self._check_config()
+        return tfds.core.DatasetInfo(
+            builder=self, description="Procedurally generated sound events, 12 classes.",
+            features=self._features(synthetic.CLASS_NAMES), metadata=self._metadata(),
+            supervised_keys=("log_mel", "label"))
+
+    def _split_generators(self, dl_manager):
+        cfg = self.builder_config
+        counts = {"train": cfg.train_per_class, "valid": cfg.valid_per_class,
+                  "test": cfg.test_per_class}
+        return {split: self._generate_examples(split, counts[split] * synthetic.NUM_CLASSES)
+                for split in self.SPLITS if counts[split] > 0}
+
+    def _generate_examples(self, split: str, num: int):
+        cfg = self.builder_config
+        stats = _SplitStats(cfg.frontend.n_mels)
+        split_id = self.SPLITS.index(split)
+        for index in range(num):
+            class_id = index % synthetic.NUM_CLASSES
+            rng = np.random.default_rng([cfg.seed, split_id, index])
+            wave = synthetic.synthesize(class_id, rng, sample_rate=cfg.frontend.sample_rate,
+                                        seconds=cfg.seconds)
+            log_mel = self._store(cfg.frontend(wave))
+            stats.add(log_mel)
+            name = f"{split}/{index:06d}_{synthetic.CLASS_NAMES[class_id]}"
+            yield name, {"log_mel": log_mel, "label": class_id, "filename": name}
+        self._finish_split(split, stats, [])
+
+
+# ------------------------------------------------------------------------------- audio_folder
+
+# Column names and file layout of well-known datasets' metadata CSVs.
+PRESETS = {
+    # ESC-50: ROOT/meta/esc50.csv, ROOT/audio/<filename>; 5 folds.
+    "esc50": dict(audio_subdir="audio", csv_path="meta/esc50.csv", filename_column="filename",
+                  label_column="category", split_column="", fold_column="fold",
+                  path_template="{filename}"),
+    # UrbanSound8K: ROOT/metadata/UrbanSound8K.csv, ROOT/audio/fold<k>/<file>; 10 folds.
+    "us8k": dict(audio_subdir="audio", csv_path="metadata/UrbanSound8K.csv",
+                 filename_column="slice_file_name", label_column="class", split_column="",
+                 fold_column="fold", path_template="fold{fold}/{filename}"),
+}
+
+
+@dataclasses.dataclass
+class AudioFolderConfig(tfds.core.BuilderConfig):
+    """Where the audio and the CSV are and how to read the CSV.
+
+    ``name`` is the dataset's name under ``audio_folder/`` (e.g. ``esc50``). Columns left
+    empty are not used; ``path_template`` formats a row's columns into a path relative to
+    ``audio_dir``. Without ``csv`` every audio file under ``audio_dir`` (recursively) goes to
+    an unlabelled ``train`` split.
+    """
+
+    audio_dir: str = ""
+    csv: str = ""
+    filename_column: str = "filename"
+    label_column: str = "label"
+    split_column: str = "split"
+    fold_column: str = "fold"
+    path_template: str = "{filename}"
+    skip_bad_files: bool = False
+    dtype: str = "float16"
+    frontend: audio.LogMelFrontEnd = audio.LogMelFrontEnd()
+
+
+def audio_folder_config(name: str, *, root: str = "", preset: str = "", audio_dir: str = "",
+                        csv_path: str = "", **fields) -> AudioFolderConfig:
+    """An AudioFolderConfig from a preset ('esc50', 'us8k') and a dataset ``root``, or from
+    an explicit ``audio_dir`` and optional ``csv_path``; ``fields`` override any field."""
+    if preset:
+        if preset not in PRESETS:
+            raise BuildError(f"unknown preset {preset!r}; known presets: {sorted(PRESETS)}")
+        if not root:
+            raise BuildError(f"preset {preset!r} needs root= (the dataset's top directory)")
+        p = dict(PRESETS[preset])
+        audio_subdir, csv_rel = p.pop("audio_subdir"), p.pop("csv_path")
+        audio_dir = audio_dir or os.path.join(root, audio_subdir)
+        csv_path = csv_path or os.path.join(root, csv_rel)
+        fields = {**p, **fields}
+    if not audio_dir:
+        raise BuildError("audio_folder needs audio_dir= (or preset= and root=)")
+    if not _SPLIT_NAME.match(name):
+        raise BuildError(f"audio_folder name must be lower-case letters, digits and _; "
+                         f"got {name!r}")
+    return AudioFolderConfig(name=name, audio_dir=os.path.abspath(audio_dir),
+                             csv=os.path.abspath(csv_path) if csv_path else "", **fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    where: str        # "file.csv:12" or the path itself, for error messages
+    path: str
+    label: str | None
+    split: str
+
+
+def _sorted_labels(labels) -> tuple[str, ...]:
+    labels = set(labels)
+    if all(s.lstrip("-").isdigit() for s in labels):
+        return tuple(sorted(labels, key=int))
+    return tuple(sorted(labels))
+
+
+class AudioFolder(_LogMelBuilder):
+    """A directory of audio files (+ optional CSV) as a log-mel dataset.
+
+    Build through ``dwm_jax.data.build`` (CLI: ``python -m dwm_jax.data``).
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = []  # the user's folders are configs made with audio_folder_config
+
+    def __init__(self, *args, **kwargs):
+        self._rows_cache = None
+        super().__init__(*args, **kwargs)
+
+    # The CSV is read once and checked before anything is written.
+    def _rows(self) -> list[_Row]:
+        if self._rows_cache is None:
+            self._rows_cache = self._read_rows()
+        return self._rows_cache
+
+    def _read_rows(self) -> list[_Row]:
+        cfg = self.builder_config
+        if not os.path.isdir(cfg.audio_dir):
+            raise BuildError(f"audio_folder/{cfg.name}: audio_dir {cfg.audio_dir!r} is not a "
+                             "directory")
+        if not cfg.csv:
+            paths = sorted(
+                os.path.join(d, f) for d, _, files in os.walk(cfg.audio_dir) for f in files
+                if f.lower().endswith(AUDIO_EXTENSIONS))
+            if not paths:
+                raise BuildError(f"audio_folder/{cfg.name}: no audio files "
+                                 f"({', '.join(AUDIO_EXTENSIONS)}) under {cfg.audio_dir}")
+            return [_Row(p, p, None, "train") for p in paths]
+        if not os.path.isfile(cfg.csv):
+            raise BuildError(f"audio_folder/{cfg.name}: CSV file {cfg.csv!r} does not exist")
+        with open(cfg.csv, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            if cfg.filename_column not in columns:
+                raise BuildError(f"{cfg.csv}: no column {cfg.filename_column!r} "
+                                 f"(filename_column); the header is {columns}")
+            has_label = bool(cfg.label_column) and cfg.label_column in columns
+            split_col = cfg.split_column if cfg.split_column in columns else ""
+            fold_col = cfg.fold_column if (not split_col and cfg.fold_column in columns) else ""
+            rows = []
+            for line, rec in enumerate(reader, start=2):
+                where = f"{cfg.csv}:{line}"
+                try:
+                    rel = cfg.path_template.format(**{
+                        **rec, "filename": rec[cfg.filename_column]})
+                except KeyError as e:
+                    raise BuildError(f"{where}: path_template {cfg.path_template!r} needs "
+                                     f"column {e}") from None
+                if split_col:
+                    split = rec[split_col].strip().lower()
+                elif fold_col:
+                    split = f"fold{rec[fold_col].strip()}"
+                else:
+                    split = "train"
+                if not _SPLIT_NAME.match(split):
+                    raise BuildError(f"{where}: split {split!r} is not a valid split name "
+                                     "(lower-case letters, digits, _)")
+                label = rec[cfg.label_column].strip() if has_label else None
+                if has_label and not label:
+                    raise BuildError(f"{where}: empty label in column {cfg.label_column!r}")
+                rows.append(_Row(where, os.path.join(cfg.audio_dir, rel), label, split))
+        if not rows:
+            raise BuildError(f"{cfg.csv}: the CSV lists no files")
+        return rows
+
+    def _label_names(self):
+        labels = [r.label for r in self._rows() if r.label is not None]
+        return _sorted_labels(labels) if labels else None
+
+    def _info(self):
+        self._check_config()
+        return tfds.core.DatasetInfo(
+            builder=self, description=f"Audio files from {self.builder_config.audio_dir}",
+            features=self._features(self._label_names()), metadata=self._metadata())
+
+    def _split_generators(self, dl_manager):
+        cfg = self.builder_config
+        missing = [r for r in self._rows() if not os.path.isfile(r.path)]
+        if missing and not cfg.skip_bad_files:
+            listed = "; ".join(f"{r.where}: {r.path}" for r in missing[:5])
+            raise BuildError(
+                f"audio_folder/{cfg.name}: {len(missing)} file(s) listed in the CSV do not "
+                f"exist: {listed}{' ...' if len(missing) > 5 else ''} "
+                "(skip_bad_files=True / --skip_bad_files skips and reports them)")
+        by_split: dict[str, list[_Row]] = {}
+        for r in self._rows():
+            by_split.setdefault(r.split, []).append(r)
+        return {split: self._generate_examples(split, rows)
+                for split, rows in sorted(by_split.items())}
+
+    def _generate_examples(self, split: str, rows: list[_Row]):
+        cfg = self.builder_config
+        stats = _SplitStats(cfg.frontend.n_mels)
+        skipped = []
+        for row in rows:
+            try:
+                if not os.path.isfile(row.path):
+                    raise audio.AudioLoadError(f"{row.path}: listed at {row.where} but does "
+                                               "not exist")
+                log_mel = self._store(cfg.frontend.from_file(row.path))
+            except audio.AudioLoadError as e:
+                if not cfg.skip_bad_files:
+                    raise BuildError(f"audio_folder/{cfg.name}: {e} (skip_bad_files=True / "
+                                     "--skip_bad_files skips and reports such files)") from e
+                log.warning("skipping %s", e)
+                skipped.append({"file": row.path, "reason": str(e)})
+                continue
+            stats.add(log_mel)
+            rel = os.path.relpath(row.path, cfg.audio_dir)
+            example = {"log_mel": log_mel, "filename": rel}
+            if row.label is not None:
+                example["label"] = row.label
+            yield rel, example
+        self._finish_split(split, stats, skipped)
+
+
+# ------------------------------------------------------------------------------- building
+
+BUILDERS = {"synthetic_sounds": SyntheticSounds, "audio_folder": AudioFolder}
+
+
+def build(builder: str, data_dir: str, *, config: str | tfds.core.BuilderConfig = "default",
+          overwrite: bool = False) -> tfds.core.DatasetBuilder:
+    """Builds (or reuses) a dataset and returns its TFDS builder.
+
+    ``builder`` is 'synthetic_sounds' or 'audio_folder'; ``config`` a config name of the
+    builder or a config object (``builders.audio_folder_config(...)`` for folders).
+    """
+    if builder not in BUILDERS:
+        raise BuildError(f"unknown builder {builder!r}; known: {sorted(BUILDERS)}")
+    cls = BUILDERS[builder]
+    if isinstance(config, str):
+        known = {c.name: c for c in cls.BUILDER_CONFIGS}
+        if config not in known:
+            raise BuildError(f"{builder} has no config {config!r}; known: {sorted(known)} "
+                             "(audio_folder needs a config made by audio_folder_config)")
+        config = known[config]
+    ds_builder = cls(data_dir=data_dir, config=config, file_format="array_record")
+    meta_path = os.path.join(ds_builder.data_dir, "metadata.json")
+    if os.path.exists(meta_path) and not overwrite:
+        with open(meta_path) as f:
+            stored = json.load(f).get("builder_config")
+        wanted = json.loads(json.dumps(_config_record(config)))
+        if stored != wanted:
+            raise BuildError(
+                f"{ds_builder.data_dir} was built with other settings ({stored}); now asked "
+                f"for {wanted}. Use another name or overwrite=True / --overwrite.")
+    mode = (tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS if not overwrite
+            else tfds.download.GenerateMode.FORCE_REDOWNLOAD)
+    ds_builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(download_mode=mode))
+    skipped = {k: v for k, v in ds_builder.info.metadata.get("skipped_files", {}).items() if v}
+    for split, files in skipped.items():
+        print(f"{builder}/{config.name}: skipped {len(files)} file(s) in split {split!r}:",
+              file=sys.stderr)
+        for s in files:
+            print(f"  {s['reason']}", file=sys.stderr)
+    return ds_builder

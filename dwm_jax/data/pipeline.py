@@ -1,0 +1,214 @@
+"""Reading built datasets: TFDS array_record data sources batched by Grain (no TensorFlow).
+
+``open_split`` finds a built dataset and returns its random-access source with the labels,
+front-end settings and statistics stored beside it. ``train_loader`` gives this host's shard
+of a split, shuffled by seed and epoch, randomly cropped (or padded) to the model's frame
+count, normalised and batched, with worker prefetch; its iterator's state can be saved and
+restored (``iterator.get_state()`` / ``set_state``, or Orbax through grain.checkpoint) so a
+resumed run reads the same batches. ``eval_loader`` reads deterministic crops once;
+``whole_clips`` yields uncropped clips for clip-level evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Iterator, Sequence
+
+import grain
+from absl import flags
+import numpy as np
+import tensorflow_datasets as tfds
+
+from dwm_jax import audio
+
+CROP_MODES = ("random", "center", "start")
+
+
+@dataclasses.dataclass(frozen=True)
+class NormStats:
+    """Scalar log-mel normalisation: ``(x - mean) / std``."""
+
+    mean: float
+    std: float
+
+    def __post_init__(self):
+        if not (np.isfinite(self.mean) and np.isfinite(self.std) and self.std > 0):
+            raise ValueError(f"NormStats needs a finite mean and std > 0; got {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSplit:
+    """A built split: its random-access ``source`` (``source[i]`` -> dict of numpy arrays)."""
+
+    name: str                       # e.g. "synthetic_sounds/default"
+    split: str                      # e.g. "train", "fold1+fold2"
+    source: object
+    label_names: tuple[str, ...] | None
+    frontend: audio.LogMelFrontEnd
+    metadata: dict
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names) if self.label_names else 0
+
+    def norm_stats(self, splits: Sequence[str] | None = None) -> NormStats:
+        """Pooled statistics of ``splits`` (default: the first part of this split's name,
+        e.g. 'train' for 'train[:50%]'; all parts for 'fold1+fold2')."""
+        stats = self.metadata.get("stats", {})
+        if splits is None:
+            splits = [s.split("[")[0] for s in self.split.split("+")]
+        missing = [s for s in splits if s not in stats]
+        if missing:
+            raise ValueError(f"{self.name}: no statistics stored for split(s) {missing}; "
+                             f"stored: {sorted(stats)}")
+        n_mels = self.frontend.n_mels
+        frames = sum(stats[s]["frames"] for s in splits) * n_mels
+        total = sum(np.sum(stats[s]["sum"]) for s in splits)
+        total_sq = sum(np.sum(stats[s]["sumsq"]) for s in splits)
+        mean = total / frames
+        return NormStats(float(mean), float(np.sqrt(max(total_sq / frames - mean ** 2, 0.0))))
+
+
+def dataset_dir(data_dir: str, name: str) -> str:
+    """``DATA_DIR/<builder>/<config>/<latest version>`` of ``name`` = 'builder/config'."""
+    if name.count("/") != 1:
+        raise ValueError(f"dataset name must look like 'builder/config' (e.g. "
+                         f"'synthetic_sounds/default'); got {name!r}")
+    versions = sorted(glob.glob(os.path.join(data_dir, name, "*.*.*", "dataset_info.json")),
+                      key=lambda p: tuple(int(v) for v in p.split(os.sep)[-2].split(".")))
+    if not versions:
+        raise FileNotFoundError(
+            f"dataset {name!r} is not built under {data_dir!r}; build it with "
+            f"`python -m dwm_jax.data {name.split('/')[0]} --data_dir {data_dir} ...`")
+    return os.path.dirname(versions[-1])
+
+
+def open_split(data_dir: str, name: str, split: str) -> DatasetSplit:
+    """Opens split ``split`` (TFDS split syntax: 'train', 'fold1+fold2', 'train[:80%]')."""
+    path = dataset_dir(data_dir, name)
+    builder = tfds.builder_from_directory(path)
+    base_splits = [s.split("[")[0] for s in split.split("+")]
+    unknown = [s for s in base_splits if s not in builder.info.splits]
+    if unknown:
+        raise ValueError(f"{name} at {path} has no split(s) {unknown}; it has "
+                         f"{sorted(builder.info.splits)}")
+    with open(os.path.join(path, "metadata.json")) as f:
+        metadata = json.load(f)
+    features = builder.info.features
+    label_names = tuple(features["label"].names) if "label" in features.keys() else None
+    frontend = audio.LogMelFrontEnd(**metadata["frontend"])
+    return DatasetSplit(name, split, builder.as_data_source(split), label_names, frontend,
+                        metadata)
+
+
+class CropAndNormalise(grain.transforms.RandomMap):
+    """{'log_mel' [F, T], ...} -> {'log_mel' float32 [F, frames], 'label'?, 'filename'?}.
+
+    Crops ``frames`` frames (at a random offset for mode 'random', the middle for 'center',
+    the beginning for 'start'); pads shorter clips at the end with the silence level before
+    normalising with ``stats``.
+    """
+
+    def __init__(self, frames: int, stats: NormStats, pad_value: float, mode: str = "random",
+                 keep_filename: bool = False):
+        if mode not in CROP_MODES:
+            raise ValueError(f"crop mode must be one of {CROP_MODES}; got {mode!r}")
+        if frames <= 0:
+            raise ValueError(f"frames must be positive; got {frames}")
+        self.frames, self.stats, self.pad_value = frames, stats, pad_value
+        self.mode, self.keep_filename = mode, keep_filename
+
+    def random_map(self, element, rng: np.random.Generator):
+        x = np.asarray(element["log_mel"], np.float32)
+        length = x.shape[1]
+        if length >= self.frames:
+            if self.mode == "random":
+                start = int(rng.integers(0, length - self.frames + 1))
+            elif self.mode == "center":
+                start = (length - self.frames) // 2
+            else:
+                start = 0
+            x = x[:, start:start + self.frames]
+        else:
+            x = np.pad(x, ((0, 0), (0, self.frames - length)), constant_values=self.pad_value)
+        out = {"log_mel": (x - self.stats.mean) / np.float32(self.stats.std)}
+        if "label" in element:
+            out["label"] = np.int32(element["label"])
+        if self.keep_filename:
+            out["filename"] = element["filename"]
+        return out
+
+
+def _workers_ready(worker_count: int) -> int:
+    """Grain's worker processes read absl flags; outside an absl app use their defaults."""
+    if worker_count < 0:
+        raise ValueError(f"worker_count must be >= 0; got {worker_count}")
+    if worker_count and not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return worker_count
+
+
+def _shard_options(shard_index, shard_count, drop_remainder):
+    if shard_index is None and shard_count is None:
+        return grain.sharding.ShardByJaxProcess(drop_remainder=drop_remainder)
+    if shard_index is None or shard_count is None or not 0 <= shard_index < shard_count:
+        raise ValueError(f"need 0 <= shard_index < shard_count; got {shard_index}, "
+                         f"{shard_count}")
+    return grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=drop_remainder)
+
+
+def train_loader(split: DatasetSplit, *, batch_size: int, frames: int, stats: NormStats,
+                 seed: int, num_epochs: int | None = None, shard_index: int | None = None,
+                 shard_count: int | None = None, worker_count: int = 0,
+                 worker_buffer_size: int = 2, keep_filename: bool = False) -> grain.DataLoader:
+    """Shuffled, randomly cropped, normalised batches of this host's shard (per-host
+    ``batch_size``); endless unless ``num_epochs``. Shards default to this JAX process's
+    (``jax.process_index()`` of ``jax.process_count()``); each host drops its shard's
+    remainder so all hosts take the same number of steps."""
+    if len(split) < batch_size:
+        raise ValueError(f"{split.name}:{split.split} has {len(split)} clips, fewer than one "
+                         f"batch of {batch_size}")
+    shard = _shard_options(shard_index, shard_count, drop_remainder=True)
+    sampler = grain.samplers.IndexSampler(len(split), shard_options=shard, shuffle=True,
+                                          num_epochs=num_epochs, seed=seed)
+    ops = [CropAndNormalise(frames, stats, split.frontend.pad_value, "random", keep_filename),
+           grain.transforms.Batch(batch_size, drop_remainder=True)]
+    return grain.DataLoader(data_source=split.source, sampler=sampler, operations=ops,
+                            worker_count=_workers_ready(worker_count),
+                            worker_buffer_size=worker_buffer_size)
+
+
+def eval_loader(split: DatasetSplit, *, batch_size: int, frames: int, stats: NormStats,
+                crop: str = "center", shard_index: int | None = None,
+                shard_count: int | None = None, keep_filename: bool = False,
+                worker_count: int = 0) -> grain.DataLoader:
+    """One pass, in stored order, with deterministic crops; the last batch may be short.
+    Shards do not drop records, so the hosts' shards together cover the split."""
+    if crop == "random":
+        raise ValueError("eval_loader reads deterministic crops: crop='center' or 'start'")
+    shard = _shard_options(shard_index, shard_count, drop_remainder=False)
+    sampler = grain.samplers.IndexSampler(len(split), shard_options=shard, shuffle=False,
+                                          num_epochs=1, seed=0)
+    ops = [CropAndNormalise(frames, stats, split.frontend.pad_value, crop, keep_filename),
+           grain.transforms.Batch(batch_size, drop_remainder=False)]
+    return grain.DataLoader(data_source=split.source, sampler=sampler, operations=ops,
+                            worker_count=_workers_ready(worker_count))
+
+
+def whole_clips(split: DatasetSplit, stats: NormStats, *, shard_index: int = 0,
+                shard_count: int = 1) -> Iterator[dict]:
+    """Uncropped clips of this shard, in stored order: {'log_mel' float32 [F, T_i],
+    'label'?, 'filename'} with ``stats`` applied."""
+    for i in range(shard_index, len(split), shard_count):
+        element = split.source[i]
+        out = {"log_mel": (np.asarray(element["log_mel"], np.float32) - stats.mean) / stats.std,
+               "filename": element["filename"]}
+        if "label" in element:
+            out["label"] = np.int32(element["label"])
+        yield out
