@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo figures test bench clean-venv
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(PY) train.py --config=configs/demo.py --workdir=workdirs/demo
+
+figures: $(STAMP)
 	$(PY) -m dwm_jax.plots --outdir docs/figures
 
 test: $(STAMP)
@@ -22,6 +25,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/masking.py
+	$(PY) benchmarks/data.py --data_dir data
 
 clean-venv:
 	rm -rf $(VENV)

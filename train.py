@@ -1,11 +1,63 @@
-"""Pretraining entry point (M2D / MSM-MAE over a device mesh).
+"""Pretraining entry point: M2D / MSM-MAE with any mask sampler, over a device mesh.
 
-Not implemented yet: the trainer lands with issue #4. Until then this exits with status 2
-rather than pretending to train. The masking library (dwm_jax.masking) is complete.
+    python train.py --config=configs/demo.py --workdir=workdirs/demo
+    python train.py --config=configs/m2d.py:dispersion --workdir=DIR --config.batch_size=256
+
+Resumes from the latest checkpoint in ``WORKDIR/checkpoints`` when there is one. Multi-host
+(TPU pods, GPU clusters): run one process per host with ``--multihost`` (or the environment
+that ``jax.distributed.initialize()`` reads); each host feeds its shard of the batch.
+Writes ``WORKDIR/config.json``, ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/``;
+with ``config.probe.enabled`` it then runs the linear probe and writes ``probe.json``.
 """
 
+import json
+import os
 import sys
 
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "a configs/*.py file")
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and logs go", required=True)
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and TFDS are chatty at INFO
+    import jax
+    if _MULTIHOST.value:
+        jax.distributed.initialize()
+    from dwm_jax import trainer
+
+    cfg = _CONFIG.value
+    workdir = _WORKDIR.value
+    try:
+        summary = trainer.train(cfg, workdir)
+    except trainer.NonFiniteError as e:
+        print(f"train.py: stopped: {e}", file=sys.stderr)
+        return 3
+    print(f"checkpoints: {summary['checkpoint_dir']} (step {summary['final_step']})")
+    print(f"logs: {os.path.join(workdir, 'metrics.jsonl')}, "
+          f"{os.path.join(workdir, 'tensorboard')}")
+    if "preempted_at" in summary:
+        print(f"preempted: saved step {summary['preempted_at']}; rerun the same command to "
+              "resume")
+        return 0
+    if cfg.probe.enabled and jax.process_index() == 0:
+        from dwm_jax import probe
+        result = probe.probe_workdir(workdir, cfg.data.data_dir, cfg.probe.name or cfg.data.name,
+                                     train_split=cfg.probe.train_split,
+                                     test_split=cfg.probe.test_split)
+        path = os.path.join(workdir, "probe.json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"probe: test accuracy {result['test_accuracy']:.3f} "
+              f"(chance {result['chance']:.3f}) -> {path}")
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit("train.py: the trainer is not implemented yet (issue #4); "
-             "see README.md for what works today")
+    app.run(main)

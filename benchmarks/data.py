@@ -5,10 +5,11 @@
   python benchmarks/data.py --probe            # also the raw-feature linear probe accuracy
 
 Prints: building rate of synthetic_sounds and of an audio folder (44.1 kHz stereo wav files,
-so loading and resampling are included), reading rate of the training pipeline (random crop
-to 608 frames, normalisation, batching) for 0 and 2 Grain workers, and, with --probe, the
-test accuracy of a linear probe on pooled raw log-mel features (how far from saturation the
-built-in dataset is).
+so loading and resampling are included); reading rate of the training pipeline (random crop
+to 608 frames, normalisation, batching) for 0 and 2 Grain workers; the demo training step
+rate against the pipeline's rate at the demo's crop; with --probe, the test accuracy of a
+linear probe on pooled raw log-mel features (how far from saturation the built-in dataset
+is).
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ import soundfile
 def build_rates(data_dir: str, folder_clips: int) -> dict:
     from dwm_jax import data
 
+    from dwm_jax.data import pipeline
+
     out = {}
+    try:
+        pipeline.dataset_dir(data_dir, "synthetic_sounds/default")
+        out["synthetic_reused"] = True
+    except FileNotFoundError:
+        out["synthetic_reused"] = False
     t0 = time.perf_counter()
     b = data.build("synthetic_sounds", data_dir, config="default")
     dt = time.perf_counter() - t0
@@ -62,6 +70,30 @@ def read_rate(split, batch_size: int, frames: int, workers: int, batches: int) -
     rate = batches / (time.perf_counter() - t0)
     del it
     return rate
+
+
+def demo_step_rate(steps: int = 20) -> float:
+    """Training steps per second of the demo config (configs/demo.py) on this machine."""
+    import sys
+
+    import jax
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import demo
+    from dwm_jax import trainer
+
+    cfg = demo.get_config()
+    setup = trainer.make_setup(cfg, steps_per_epoch=30, total_steps=240)
+    state = trainer.init_state(setup, 0)
+    step = jax.jit(lambda s, x: trainer.train_step(setup, s, x), donate_argnums=0)
+    x = jax.random.normal(jax.random.key(0), (cfg.batch_size, *cfg.model.input_shape))
+    for _ in range(3):
+        state, m = step(state, x)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = step(state, x)
+    jax.block_until_ready(m)
+    return steps / (time.perf_counter() - t0)
 
 
 def raw_probe(data_dir: str) -> float:
@@ -108,8 +140,12 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir or tmp
         res = build_rates(data_dir, args.folder_clips)
-        print(f"build synthetic_sounds/default: {res['synthetic_clips']} clips in "
-              f"{res['synthetic_build_s']:.1f} s = {res['synthetic_clips_per_s']:.1f} clips/s")
+        if res["synthetic_reused"]:
+            print(f"build synthetic_sounds/default: reused the one in {data_dir} (not timed)")
+        else:
+            print(f"build synthetic_sounds/default: {res['synthetic_clips']} clips in "
+                  f"{res['synthetic_build_s']:.1f} s = {res['synthetic_clips_per_s']:.1f} "
+                  "clips/s")
         print(f"build audio_folder (10 s, 44.1 kHz stereo wav): "
               f"{res['folder_clips_per_s']:.1f} clips/s")
         split = data.open_split(data_dir, "synthetic_sounds/default", "train")
@@ -118,6 +154,14 @@ def main():
             res[f"read_batches_per_s_workers{workers}"] = rate
             print(f"read train batches of {args.batch} x 80 x {args.frames}, {workers} "
                   f"workers: {rate:.1f} batches/s = {rate * args.batch:.0f} clips/s")
+        steps = demo_step_rate()
+        res["demo_steps_per_s"] = steps
+        frames = 304  # the demo's crop
+        rate = read_rate(split, args.batch, frames, 0, args.batches)
+        res["read_batches_per_s_demo_crop"] = rate
+        print(f"demo training step (configs/demo.py, batch {args.batch}, 80 x {frames}): "
+              f"{steps:.2f} steps/s; the pipeline at that crop reads {rate:.1f} batches/s = "
+              f"{rate / steps:.0f}x what the step consumes (target >= 5x)")
         if args.probe:
             res["raw_probe_test_accuracy"] = raw_probe(data_dir)
             print(f"linear probe on pooled raw log-mel (mean+std per bin), test accuracy: "

@@ -1,0 +1,52 @@
+"""The shared pretraining config: the paper's settings (ViT-B, 80 x 608, AdamW, warm-up +
+cosine, lr scaled by batch, clipping 3.0, 300 epochs, batch 2048). The launchable configs
+(m2d.py, msm_mae.py, demo.py) start from ``base()`` and change what differs."""
+
+import ml_collections
+
+from configs import maskers
+
+
+def base(objective: str = "m2d", masker: str = "dispersion") -> ml_collections.ConfigDict:
+    if objective not in ("m2d", "msm_mae"):
+        raise ValueError(f"objective must be 'm2d' or 'msm_mae'; got {objective!r}")
+    mask = maskers.get_config(masker + (",mae" if objective == "msm_mae" else ""))
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 2048                # global, over all hosts and devices
+    c.epochs = 300
+    c.total_steps = 0                  # 0: epochs x steps per epoch
+    c.num_devices = 0                  # 0: all visible devices
+    c.fsdp = False                     # shard parameters and optimizer state over the mesh
+
+    c.data = ml_collections.ConfigDict(dict(
+        data_dir="data", name="audio_folder/audioset", split="train", build_if_missing=False,
+        worker_count=8))
+
+    c.model = ml_collections.ConfigDict(dict(
+        size="base", input_shape=tuple(mask.input_shape), patch_size=tuple(mask.patch_size),
+        decoder=dict(dim=512, depth=8, heads=16), compute_dtype="float32"))
+
+    c.objective = ml_collections.ConfigDict(dict(
+        name=objective, ema_start=0.99995, ema_end=0.99999, norm_pix=True))
+
+    options = {k: v for k, v in mask.items()
+               if k not in ("name", "input_shape", "patch_size", "mask_ratio")}
+    c.masking = ml_collections.ConfigDict(dict(
+        name=mask.name, mask_ratio=mask.mask_ratio, options=options,
+        # r_h: 'schedule' (1 before start_epoch, then 1 - (e/E)^k), 'constant' or 'none' (0)
+        hint=dict(mode="schedule" if mask.name == "dispersion" else "none", start_epoch=50,
+                  k=2, constant=1.0)))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        base_lr=3e-4, warmup_epochs=20, weight_decay=0.05, b1=0.9, b2=0.95, clip=3.0))
+
+    c.log_every = 50
+    c.log_data_fingerprint = False     # crc32 of each logged batch in metrics.jsonl
+    c.ckpt_every = 1000                # steps
+    c.keep_ckpts = 3
+
+    # after training, a linear probe on a labelled dataset (name "" = config.data.name)
+    c.probe = ml_collections.ConfigDict(dict(enabled=False, name="", train_split="train",
+                                             test_split="test"))
+    return c

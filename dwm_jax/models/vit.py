@@ -1,0 +1,164 @@
+"""ViT encoder over log-mel patches, and the token decoder used as MAE decoder / M2D predictor.
+
+Patches are 16 x 16 (configurable) in frequency-major order (``f_row * Tp + t_col``), the order
+of ``dwm_jax.masking``; positions are fixed 2-D sin-cos; a CLS token is prepended; blocks are
+pre-LN. The encoder runs on the visible tokens only (``ids_keep``). Parameters are float32;
+``dtype`` sets the compute dtype (e.g. bfloat16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dwm_jax import masking
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTSize:
+    dim: int
+    depth: int
+    heads: int
+    mlp_ratio: float = 4.0
+
+
+SIZES = {
+    "micro": ViTSize(64, 2, 2),      # tests and smoke runs
+    "tiny": ViTSize(192, 12, 3),
+    "small": ViTSize(384, 12, 6),
+    "base": ViTSize(768, 12, 12),
+    "large": ViTSize(1024, 24, 16),
+}
+
+
+def sincos_2d(dim: int, grid: tuple[int, int]) -> np.ndarray:
+    """Fixed 2-D sin-cos positions [Fp * Tp, dim] in frequency-major order: the first half of
+    the channels encodes the frequency row, the second half the time column (MAE's recipe)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos positions need dim divisible by 4; got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+
+    def encode(pos):
+        angles = np.outer(pos, omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
+    emb = np.concatenate([encode(rows.ravel()), encode(cols.ravel())], axis=1)
+    return emb.astype(np.float32)
+
+
+class Attention(nnx.Module):
+    def __init__(self, dim: int, heads: int, *, dtype, rngs: nnx.Rngs):
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, rngs=rngs,
+                              kernel_init=nnx.initializers.xavier_uniform())
+        self.proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs,
+                               kernel_init=nnx.initializers.xavier_uniform())
+
+    def __call__(self, x):  # [B, L, D]
+        b, length, d = x.shape
+        q, k, v = jnp.split(self.qkv(x).reshape(b, length, 3 * self.heads, d // self.heads),
+                            3, axis=2)
+        out = jax.nn.dot_product_attention(q, k, v)  # [B, L, H, Dh]
+        return self.proj(out.reshape(b, length, d))
+
+
+class Block(nnx.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, *, dtype, rngs: nnx.Rngs):
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+        self.attn = Attention(dim, heads, dtype=dtype, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+        init = nnx.initializers.xavier_uniform()
+        self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, kernel_init=init, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, kernel_init=init, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False))
+
+
+class Encoder(nnx.Module):
+    """ViT over ``[B, F, T]`` log-mel -> tokens ``[B, 1 + K, dim]`` (CLS first), final LN."""
+
+    def __init__(self, size: str | ViTSize = "base", *, input_shape=(80, 608),
+                 patch_size=(16, 16), dtype=jnp.float32, rngs: nnx.Rngs):
+        self.size = SIZES[size] if isinstance(size, str) else size
+        self.input_shape, self.patch_size = tuple(input_shape), tuple(patch_size)
+        self.grid = masking.patch_grid(self.input_shape, self.patch_size)
+        self.dtype = dtype
+        dim = self.size.dim
+        self.patch_embed = nnx.Linear(patch_size[0] * patch_size[1], dim, dtype=dtype,
+                                      kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+        self.cls_token = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, dim)))
+        self.blocks = nnx.List([Block(dim, self.size.heads, self.size.mlp_ratio, dtype=dtype,
+                                      rngs=rngs) for _ in range(self.size.depth)])
+        self.norm = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def embed(self, x):
+        """[B, F, T] -> patch tokens with positions [B, N, dim]."""
+        if x.shape[1:] != self.input_shape:
+            raise ValueError(f"encoder expects input [B, {self.input_shape[0]}, "
+                             f"{self.input_shape[1]}]; got {x.shape}")
+        tokens = self.patch_embed(masking.patchify(x.astype(self.dtype), self.patch_size))
+        return tokens + sincos_2d(self.size.dim, self.grid).astype(self.dtype)
+
+    def __call__(self, x, ids_keep=None):
+        """x [B, F, T]; ids_keep int [B, K] or None (all N patches) -> [B, 1 + K, dim]."""
+        tokens = self.embed(x)
+        if ids_keep is not None:
+            tokens = jnp.take_along_axis(tokens, ids_keep[..., None], axis=1)
+        cls = jnp.broadcast_to(self.cls_token.value.astype(self.dtype),
+                               (tokens.shape[0], 1, self.size.dim))
+        h = jnp.concatenate([cls, tokens], axis=1)
+        for block in self.blocks:
+            h = block(h)
+        return self.norm(h)
+
+
+class TokenDecoder(nnx.Module):
+    """Visible tokens [B, 1 + K, in_dim] + ids_restore [B, N] -> outputs [B, N, out_dim].
+
+    Projects to ``dim``, fills the masked positions with a learned mask token, restores the
+    patch order, adds fixed positions, runs ``depth`` blocks and a final LN + projection.
+    MSM-MAE's decoder (out_dim = patch pixels) and M2D's predictor (out_dim = encoder width).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, grid: tuple[int, int], dim: int = 512,
+                 depth: int = 8, heads: int = 16, mlp_ratio: float = 4.0, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.grid, self.dim, self.dtype = tuple(grid), dim, dtype
+        init = nnx.initializers.xavier_uniform()
+        self.embed = nnx.Linear(in_dim, dim, dtype=dtype, kernel_init=init, rngs=rngs)
+        self.mask_token = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, dim)))
+        self.blocks = nnx.List([Block(dim, heads, mlp_ratio, dtype=dtype, rngs=rngs)
+                                for _ in range(depth)])
+        self.norm = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(dim, out_dim, dtype=dtype, kernel_init=init, rngs=rngs)
+
+    def __call__(self, tokens, ids_restore):
+        b, n = ids_restore.shape
+        h = self.embed(tokens)
+        cls, visible = h[:, :1], h[:, 1:]
+        fill = jnp.broadcast_to(self.mask_token.value.astype(self.dtype),
+                                (b, n - visible.shape[1], self.dim))
+        h = jnp.concatenate([visible, fill], axis=1)  # shuffled order: keep, then masked
+        h = jnp.take_along_axis(h, ids_restore[..., None], axis=1)  # patch order
+        h = h + sincos_2d(self.dim, self.grid).astype(self.dtype)
+        h = jnp.concatenate([cls, h], axis=1)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h))[:, 1:]

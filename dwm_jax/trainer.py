@@ -1,0 +1,372 @@
+"""Pretraining: the train state, the pure jitted step, and the loop (train.py is its CLI).
+
+The state is a plain pytree ``{params, opt_state, target, step, rng}`` (parameters as pure
+dicts of arrays, ``target`` the EMA encoder for M2D, ``rng`` raw key data), sharded over the
+mesh by ``sharding.state_shardings``. The step samples the mask inside the jit (DWM sees the
+same normalised tensor as the patch embedding; SGIM gets features from a no-gradient pass of
+the current encoder), takes an AdamW step with clipping and updates the EMA. The loop feeds
+per-host batches as global arrays, logs, checkpoints at an interval and on SIGTERM, resumes
+from the latest checkpoint and stops on a non-finite loss or gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from dwm_jax import checkpointing, masking, objectives, sharding
+from dwm_jax import data as data_lib
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------- model + optim
+
+def build_objective(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+    m = cfg.model
+    if m.compute_dtype not in DTYPES:
+        raise ValueError(f"config.model.compute_dtype must be one of {sorted(DTYPES)}; got "
+                         f"{m.compute_dtype!r}")
+    kwargs = dict(size=m.size, input_shape=tuple(m.input_shape), patch_size=tuple(m.patch_size),
+                  decoder=dict(m.decoder), dtype=DTYPES[m.compute_dtype], rngs=rngs)
+    if cfg.objective.name == "msm_mae":
+        kwargs["norm_pix"] = cfg.objective.norm_pix
+    return objectives.make_objective(cfg.objective.name, **kwargs)
+
+
+def build_masker(cfg) -> masking.Masker:
+    return masking.make_masker(cfg.masking.name, input_shape=tuple(cfg.model.input_shape),
+                               patch_size=tuple(cfg.model.patch_size),
+                               mask_ratio=cfg.masking.mask_ratio, **dict(cfg.masking.options))
+
+
+def lr_schedule(cfg, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """Warm-up then cosine to 0; peak = base_lr * batch_size / 256."""
+    peak = cfg.optim.base_lr * cfg.batch_size / 256
+    warmup = min(int(cfg.optim.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
+
+
+def _decay_mask(params):
+    """Weight decay on matrices only (not biases, norms, CLS or mask tokens)."""
+    return jax.tree.map(lambda p: p.ndim == 2, params)
+
+
+def make_optimizer(cfg, schedule) -> optax.GradientTransformation:
+    o = cfg.optim
+    return optax.chain(
+        optax.clip_by_global_norm(o.clip),
+        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                    mask=_decay_mask))
+
+
+# ------------------------------------------------------------------------------------- state
+
+@dataclasses.dataclass
+class Setup:
+    """Everything the step needs that is not state: static, built once from the config."""
+
+    config: ml_collections.ConfigDict
+    graphdef: Any
+    masker: masking.Masker
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    uses_target: bool
+    steps_per_epoch: int
+    total_steps: int
+
+
+def make_setup(cfg, steps_per_epoch: int, total_steps: int) -> Setup:
+    abstract = nnx.eval_shape(lambda: build_objective(cfg, nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract, nnx.Param)
+    masker = build_masker(cfg)
+    schedule = lr_schedule(cfg, steps_per_epoch, total_steps)
+    return Setup(cfg, graphdef, masker, make_optimizer(cfg, schedule), schedule,
+                 type(abstract).uses_target, steps_per_epoch, total_steps)
+
+
+def init_state(setup: Setup, seed: int) -> dict:
+    """The initial train state (call under jit with out_shardings to build it sharded)."""
+    model = build_objective(setup.config, nnx.Rngs(seed))
+    graphdef, params = nnx.split(model, nnx.Param)
+    rest = nnx.state(model, nnx.Not(nnx.Param))
+    if jax.tree.leaves(rest):
+        raise ValueError("objective modules must hold only nnx.Param variables")
+    params = params.to_pure_dict()
+    state = dict(params=params, opt_state=setup.optimizer.init(params), target={},
+                 step=jnp.zeros((), jnp.int32),
+                 rng=jax.random.key_data(jax.random.key(seed + 1)))
+    if setup.uses_target:
+        state["target"] = jax.tree.map(jnp.copy, params["encoder"])
+    return state
+
+
+def hint_ratio(setup: Setup, step):
+    """r_h for the epoch of ``step`` (traced); 0 when the config has no hint schedule."""
+    h = setup.config.masking.hint
+    if h.mode == "none":
+        return jnp.zeros((), jnp.float32)
+    epoch = step // setup.steps_per_epoch
+    total_epochs = max(setup.total_steps // setup.steps_per_epoch, 1)
+    constant = h.constant if h.mode == "constant" else None
+    return jnp.asarray(masking.hint_schedule(epoch, total_epochs=total_epochs,
+                                             start_epoch=h.start_epoch, k=h.k,
+                                             constant=constant), jnp.float32)
+
+
+def sample_mask(setup: Setup, params, x, key, r_h) -> masking.Mask:
+    features = None
+    if setup.masker.needs_features:  # SGIM: current encoder on all patches, no gradient
+        encoder = nnx.merge(setup.graphdef, params).encoder
+        features = jax.lax.stop_gradient(encoder(x)[:, 1:].astype(jnp.float32))
+    return setup.masker(key, x, hint_ratio=r_h, features=features)
+
+
+def train_step(setup: Setup, state: dict, x: jax.Array):
+    """One update on the batch x [B, F, T] -> (new state, metrics). Pure; jit it."""
+    step = state["step"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+    r_h = hint_ratio(setup, step)
+    mask = sample_mask(setup, state["params"], x, key, r_h)
+    target = state["target"] if setup.uses_target else None
+
+    def loss_fn(params):
+        model = nnx.merge(setup.graphdef, params)
+        return model.loss(x, mask, target)
+
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = dict(state, params=params, opt_state=opt_state, step=step + 1)
+    if setup.uses_target:
+        o = setup.config.objective
+        decay = objectives.ema_decay(step, setup.total_steps, o.ema_start, o.ema_end)
+        new["target"] = objectives.ema_update(state["target"], params["encoder"], decay)
+    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), lr=setup.schedule(step),
+                   hint_ratio=r_h, param_norm=optax.global_norm(params))
+    return new, metrics
+
+
+def jit_train_step(setup: Setup, state_shardings, mesh):
+    def step(state, x):
+        return train_step(setup, state, x)
+    return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)),
+                   donate_argnums=(0,))
+
+
+def abstract_state(setup: Setup, seed: int):
+    return jax.eval_shape(lambda: init_state(setup, seed))
+
+
+# -------------------------------------------------------------------------------------- loop
+
+def _open_data(cfg):
+    d = cfg.data
+    try:
+        split = data_lib.open_split(d.data_dir, d.name, d.split)
+    except FileNotFoundError:
+        if not (d.build_if_missing and d.name.startswith("synthetic_sounds/")):
+            raise
+        data_lib.build("synthetic_sounds", d.data_dir, config=d.name.split("/")[1])
+        split = data_lib.open_split(d.data_dir, d.name, d.split)
+    return split
+
+
+class _Writers:
+    """metrics.jsonl and TensorBoard events (process 0 only)."""
+
+    def __init__(self, workdir: str, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from tensorboardX import SummaryWriter
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict):
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+        for k, v in scalars.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self):
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint and exits at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def config_json(cfg) -> dict:
+    return json.loads(cfg.to_json_best_effort())
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
+    """Runs (or resumes) pretraining in ``workdir``; returns a summary dict."""
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+
+    # --- mesh and input
+    mesh = sharding.make_mesh(cfg.num_devices or None)
+    local_batch = sharding.check_batch(cfg.batch_size, mesh)
+    split = _open_data(cfg)
+    stats = split.norm_stats()
+    steps_per_epoch = len(split) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"config.batch_size {cfg.batch_size} is larger than the "
+                         f"{len(split)} clips of {cfg.data.name}:{cfg.data.split}")
+    total_steps = cfg.total_steps or cfg.epochs * steps_per_epoch
+    loader = data_lib.train_loader(split, batch_size=local_batch,
+                                   frames=cfg.model.input_shape[1], stats=stats, seed=cfg.seed,
+                                   worker_count=cfg.data.worker_count)
+    data_iter = iter(loader)
+
+    # --- model, optimizer, shardings
+    setup = make_setup(cfg, steps_per_epoch, total_steps)
+    abstract = abstract_state(setup, cfg.seed)
+    shardings = sharding.state_shardings(abstract, mesh, fsdp=cfg.fsdp)
+    step_fn = jit_train_step(setup, shardings, mesh)
+    mask_fn = jax.jit(lambda key, x: setup.masker(key, x).mask)
+
+    # --- checkpoint: resume or start
+    ckpt = checkpointing.Checkpointer(workdir, keep=cfg.keep_ckpts)
+    meta = dict(config=config_json(cfg), norm_stats=dataclasses.asdict(stats),
+                signature=checkpointing.tree_signature(abstract),
+                dataset=dict(name=cfg.data.name, split=cfg.data.split, clips=len(split)),
+                steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    start = ckpt.latest_step()
+    if start is not None:
+        ckpt.check_compatible(start, meta)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, shardings)
+        state, _ = ckpt.restore(start, target, data_iter)
+        log.info("resumed from step %d in %s", start, ckpt.directory)
+    else:
+        start = 0
+        state = jax.jit(lambda: init_state(setup, cfg.seed), out_shardings=shardings)()
+        if is_main:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                json.dump(meta["config"], f, indent=1)
+
+    writers = _Writers(workdir, is_main)
+    preempt = _Preemption()
+    bar = None
+    if progress and is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=start, desc="train", unit="step",
+                   dynamic_ncols=True)
+    last = dict(step=start, time=time.perf_counter())
+    summary: dict = dict(workdir=workdir, start_step=start, total_steps=total_steps)
+    try:
+        step = start
+        while step < total_steps:
+            batch = next(data_iter)
+            x = sharding.global_batch_array(batch["log_mel"], mesh)
+            state, metrics = step_fn(state, x)
+            step += 1
+            m = jax.device_get(metrics)
+            if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+                ckpt.wait()
+                raise NonFiniteError(
+                    f"non-finite training at step {step}: loss={m['loss']}, "
+                    f"grad_norm={m['grad_norm']}. Nothing was saved from this step; the last "
+                    f"good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.")
+            if step % cfg.ckpt_every == 0:
+                ckpt.save(step, state, data_iter, meta)
+            if step % cfg.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                scalars = {k: float(v) for k, v in m.items()}
+                scalars["epoch"] = step / steps_per_epoch
+                scalars["examples_per_s"] = (step - last["step"]) * cfg.batch_size / (
+                    now - last["time"])
+                jax.block_until_ready(mask_fn(jax.random.key(step), x))  # compiled, warm
+                t0 = time.perf_counter()
+                jax.block_until_ready(mask_fn(jax.random.key(step), x))
+                scalars["mask_ms"] = (time.perf_counter() - t0) * 1e3
+                if cfg.log_data_fingerprint:
+                    scalars["data_crc32"] = zlib.crc32(np.asarray(batch["log_mel"]).tobytes())
+                writers.write(step, scalars)
+                summary["last_metrics"] = scalars
+                last = dict(step=step, time=time.perf_counter())
+                if bar is not None:
+                    bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
+            if bar is not None:
+                bar.update(1)
+            if preempt.requested:
+                if ckpt.latest_step() != step:
+                    ckpt.save(step, state, data_iter, meta)
+                ckpt.wait()
+                summary["preempted_at"] = step
+                log.warning("SIGTERM: saved step %d to %s and stopped", step, ckpt.directory)
+                break
+        else:
+            if ckpt.latest_step() != total_steps:
+                ckpt.save(total_steps, state, data_iter, meta)
+        ckpt.wait()
+    finally:
+        preempt.restore()
+        if bar is not None:
+            bar.close()
+        writers.close()
+        ckpt.close()
+        del data_iter
+    summary["final_step"] = int(jax.device_get(state["step"]))
+    summary["checkpoint_dir"] = ckpt.directory
+    summary["state"] = state
+    return summary
+
+
+def load_encoder(workdir: str, step: int | None = None):
+    """-> (encoder nnx module with trained weights, NormStats, config dict) from a workdir."""
+    ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
+        meta = ckpt.read_meta(step)
+        cfg = ml_collections.ConfigDict(meta["config"])
+        setup = make_setup(cfg, meta["steps_per_epoch"], meta["total_steps"])
+        abstract = abstract_state(setup, cfg.seed)
+        if checkpointing.tree_signature(abstract) != meta["signature"]:
+            raise checkpointing.CheckpointMismatchError(
+                f"{ckpt.directory}/{step}: the stored state does not match its own config")
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
+        state, _ = ckpt.restore(step, target)
+    finally:
+        ckpt.close()
+    model = nnx.merge(setup.graphdef, state["params"])
+    return model.encoder, data_lib.NormStats(**meta["norm_stats"]), meta["config"]

@@ -1,0 +1,133 @@
+"""ViT encoder, decoder/predictor and objectives: golden sizes, shapes, reference losses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dwm_jax import masking, objectives
+from dwm_jax.models import vit
+
+# Encoder parameters on a 1-channel 16 x 16 patch embedding (80 x 608 input). A size without a
+# golden count fails test_every_size_has_a_golden_count.
+GOLDEN_PARAMS = {
+    "micro": 116_608,
+    "tiny": 5_388_288,
+    "small": 21_393_408,
+    "base": 85_254_144,
+    "large": 302_575_616,
+}
+
+
+def _count(module):
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def test_every_size_has_a_golden_count():
+    assert set(vit.SIZES) == set(GOLDEN_PARAMS)
+
+
+@pytest.mark.parametrize("size", sorted(GOLDEN_PARAMS))
+def test_golden_parameter_counts(size):
+    enc = nnx.eval_shape(lambda: vit.Encoder(size, rngs=nnx.Rngs(0)))
+    assert _count(enc) == GOLDEN_PARAMS[size]
+    s = vit.SIZES[size]  # patch embed + CLS + blocks + final LN, by formula
+    block = 4 * s.dim * s.dim + 4 * s.dim + 2 * 4 * s.dim * s.dim + 5 * s.dim + 4 * s.dim
+    assert GOLDEN_PARAMS[size] == 256 * s.dim + s.dim + s.dim + s.depth * block + 2 * s.dim
+
+
+def test_sincos_positions_are_frequency_major():
+    emb = vit.sincos_2d(64, (5, 38))
+    assert emb.shape == (190, 64)
+    row2 = emb[2 * 38:3 * 38]  # frequency row 2, all time columns
+    np.testing.assert_allclose(row2[:, :32], np.broadcast_to(row2[:1, :32], (38, 32)))
+    col7 = emb[7::38]          # time column 7, all frequency rows
+    np.testing.assert_allclose(col7[:, 32:], np.broadcast_to(col7[:1, 32:], (5, 32)))
+    np.testing.assert_allclose(emb[0, 16:32], 1.0)  # cos(0)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    x = jax.random.normal(jax.random.key(0), (3, 80, 64))
+    masker = masking.make_masker("random", input_shape=(80, 64), mask_ratio=0.7)
+    return x, masker(jax.random.key(1), x)  # N = 20, K = 6
+
+
+def test_encoder_runs_on_visible_tokens_only(batch):
+    x, mask = batch
+    enc = vit.Encoder("micro", input_shape=(80, 64), rngs=nnx.Rngs(0))
+    out = enc(x, mask.ids_keep)
+    assert out.shape == (3, 1 + 6, 64)
+    full = enc(x)
+    assert full.shape == (3, 1 + 20, 64)
+    # the visible tokens entering the blocks are exactly the gathered patch embeddings
+    gathered = jnp.take_along_axis(enc.embed(x), mask.ids_keep[..., None], axis=1)
+    manual = enc.patch_embed(masking.patchify(x, (16, 16))) + vit.sincos_2d(64, (5, 4))
+    np.testing.assert_allclose(gathered, jnp.take_along_axis(manual, mask.ids_keep[..., None],
+                                                             axis=1), atol=1e-5)
+    with pytest.raises(ValueError, match=r"expects input \[B, 80, 64\]"):
+        enc(jnp.zeros((1, 80, 608)))
+
+
+def test_msm_mae_shapes_and_norm_pix_loss(batch):
+    x, mask = batch
+    model = objectives.make_objective("msm_mae", size="micro", input_shape=(80, 64),
+                                      decoder=dict(dim=32, depth=1, heads=2), rngs=nnx.Rngs(0))
+    pred = model.predict(x, mask)
+    assert pred.shape == (3, 20, 256)
+    loss, _ = model.loss(x, mask)
+    p = np.asarray(masking.patchify(x, (16, 16)))
+    p = (p - p.mean(-1, keepdims=True)) / np.sqrt(p.var(-1, keepdims=True) + 1e-6)
+    per_patch = ((np.asarray(pred) - p) ** 2).mean(-1)
+    m = np.asarray(mask.mask)
+    np.testing.assert_allclose(loss, (per_patch * m).sum() / m.sum(), rtol=1e-5)
+
+
+def test_m2d_shapes_target_and_loss(batch):
+    x, mask = batch
+    model = objectives.make_objective("m2d", size="micro", input_shape=(80, 64),
+                                      decoder=dict(dim=32, depth=1, heads=2), rngs=nnx.Rngs(0))
+    target = model.target_init()
+    tgt = model.target_outputs(x, mask, target)
+    assert tgt.shape == (3, 14, 64)  # the masked patches only
+    # the target encoder sees only masked patches: equal to the online encoder on ids_mask
+    np.testing.assert_allclose(tgt, model.encoder(x, mask.ids_mask)[:, 1:], atol=1e-5)
+    loss, _ = model.loss(x, mask, target)
+    assert loss.shape == () and 0.0 <= float(loss) <= 4.0
+    # 2 - 2 cos by hand
+    pred = model.predictor(model.encoder(x, mask.ids_keep), mask.ids_restore)
+    pred = np.take_along_axis(np.asarray(pred), np.asarray(mask.ids_mask)[..., None], axis=1)
+    t = np.asarray(tgt)
+    cos = (pred * t).sum(-1) / np.linalg.norm(pred, axis=-1) / np.linalg.norm(t, axis=-1)
+    np.testing.assert_allclose(loss, np.mean(2 - 2 * cos), rtol=1e-4)
+    with pytest.raises(ValueError, match="target"):
+        model.loss(x, mask)
+
+
+def test_ema_update_and_decay_schedule():
+    t = {"w": jnp.ones(3)}
+    o = {"w": jnp.zeros(3)}
+    np.testing.assert_allclose(objectives.ema_update(t, o, 0.9)["w"], 0.9)
+    assert float(objectives.ema_decay(0, 100)) == pytest.approx(0.99995)
+    assert float(objectives.ema_decay(100, 100)) == pytest.approx(0.99999)
+    assert float(objectives.ema_decay(50, 100)) == pytest.approx(0.99997)
+
+
+def test_bfloat16_compute_keeps_float32_parameters(batch):
+    x, mask = batch
+    kw = dict(size="micro", input_shape=(80, 64), decoder=dict(dim=32, depth=1, heads=2))
+    m32 = objectives.make_objective("m2d", rngs=nnx.Rngs(0), **kw)
+    m16 = objectives.make_objective("m2d", rngs=nnx.Rngs(0), dtype=jnp.bfloat16, **kw)
+    assert {a.dtype for a in jax.tree.leaves(nnx.state(m16, nnx.Param))} == {np.dtype("float32")}
+    assert m16.encoder(x).dtype == jnp.bfloat16
+    l32, _ = m32.loss(x, mask, m32.target_init())
+    l16, _ = m16.loss(x, mask, m16.target_init())
+    assert abs(float(l32) - float(l16)) < 0.05
+
+
+def test_unknown_objective_and_bad_widths():
+    with pytest.raises(ValueError, match="unknown objective 'mae'"):
+        objectives.make_objective("mae")
+    with pytest.raises(ValueError, match="not divisible by 5 heads"):
+        vit.Attention(64, 5, dtype=jnp.float32, rngs=nnx.Rngs(0))
