@@ -1,22 +1,24 @@
-"""The default demo: a tiny M2D with DWM on the built-in synthetic_sounds, a few minutes on a
-2-core CPU, then a linear probe. ``make demo`` runs it:
+"""The default demo: a tiny MSM-MAE with DWM on the built-in synthetic_sounds, a few minutes
+on a 2-core CPU, then a linear probe. ``make demo`` runs it:
 
     python train.py --config=configs/demo.py --workdir=workdirs/demo
 
 The dataset is built under data/ on first use. Variants: any masker name, e.g.
-``--config=configs/demo.py:random``.
+``--config=configs/demo.py:random``. MSM-MAE rather than M2D because in a 240-step run M2D's
+EMA target has no time to become informative: measured probe accuracy after the same run,
+M2D 0.35-0.39 (EMA 0.995-0.999 or 0.999-0.9999) against 0.53 for MSM-MAE and 0.44 for the
+untrained encoder. ``--config.objective.name=m2d`` switches.
 """
 
 from configs import common
 
 
 def get_config(arg: str = "dispersion"):
-    c = common.base("m2d", arg)
+    c = common.base("msm_mae", arg)
     c.batch_size = 32
     c.epochs = 8
     c.data.update(name="synthetic_sounds/default", build_if_missing=True, worker_count=0)
     c.model.update(size="tiny", input_shape=(80, 304), decoder=dict(dim=128, depth=2, heads=4))
-    c.objective.update(ema_start=0.995, ema_end=0.999)  # short run: a faster target
     c.optim.update(base_lr=8e-3, warmup_epochs=1)  # peak lr = 8e-3 * 32 / 256 = 1e-3
     c.masking.hint.update(start_epoch=2)
     c.log_every = 10

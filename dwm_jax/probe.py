@@ -1,109 +1,238 @@
-"""Clip embeddings from a pretrained encoder and a linear probe on them.
+"""Linear probing: the paper's protocol for judging a frozen encoder on labelled tasks.
 
-Embedding (M2D's recipe): the encoder sees every patch of a window (no masking); for each time
-step the tokens of its frequency patches are concatenated (Fp x dim), then averaged over the
-time steps of the whole clip. A clip longer than the encoder's input is cut into consecutive
-windows (the last one padded with silence; padded time steps are left out of the average).
-The probe is a softmax regression on features standardised with the training split's
-statistics.
+For a task (a built, labelled dataset) every clip is embedded (``embedding.Embedder``: the
+frequency patches of each time step concatenated, averaged over the clip), features are
+standardised with the training split's statistics, and a softmax-regression classifier is
+trained with AdamW on the full batch, keeping the parameters of the best validation accuracy
+(early stopping). Datasets with ``foldK`` splits (ESC-50, UrbanSound8K) are evaluated by
+leave-one-fold-out cross-validation; otherwise train / valid / test splits are used. The same
+probe runs on two baselines: the untrained (random-init) encoder and pooled raw log-mel
+statistics (mean and std per mel bin).
 """
 
 from __future__ import annotations
+
+import hashlib
+import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from dwm_jax import data as data_lib
-from dwm_jax import trainer
 
 
-def make_embed_fn(encoder):
-    """-> jitted fn(windows [W, F, T]) -> per-time-step features [W, Tp, Fp * dim]."""
-    graphdef, params = nnx.split(encoder)
-    fp, tp = encoder.grid
-    dim = encoder.size.dim
-
-    @jax.jit
-    def fn(params, x):
-        enc = nnx.merge(graphdef, params)
-        tokens = enc(x)[:, 1:].astype(jnp.float32)              # [W, Fp * Tp, dim]
-        tokens = tokens.reshape(x.shape[0], fp, tp, dim).transpose(0, 2, 1, 3)
-        return tokens.reshape(x.shape[0], tp, fp * dim)
-
-    return lambda x: np.asarray(fn(params, jnp.asarray(x)))
+class ProbeError(ValueError):
+    """A task cannot be probed as asked (no labels, one class, missing splits, ...)."""
 
 
-def clip_embedding(embed_fn, log_mel: np.ndarray, frames: int, patch_w: int,
-                   pad_value: float) -> np.ndarray:
-    """Normalised log-mel [F, T_i] -> [Fp * dim], averaged over the clip's real time steps."""
-    length = log_mel.shape[1]
-    windows = -(-length // frames)
-    padded = np.full((log_mel.shape[0], windows * frames), pad_value, np.float32)
-    padded[:, :length] = log_mel
-    x = padded.reshape(log_mel.shape[0], windows, frames).transpose(1, 0, 2)
-    steps = embed_fn(x).reshape(windows * (frames // patch_w), -1)
-    real = max(1, -(-length // patch_w))
-    return steps[:real].mean(axis=0)
+# ------------------------------------------------------------------------------- the probe
 
+def train_linear(x_train, y_train, x_valid, y_valid, *, num_classes: int, lr: float = 1e-3,
+                 weight_decay: float = 1e-4, max_steps: int = 3000, eval_every: int = 50,
+                 patience: int = 10, seed: int = 0):
+    """Softmax regression with early stopping on the validation accuracy.
 
-def embed_split(encoder, split: data_lib.DatasetSplit, stats: data_lib.NormStats):
-    """-> (features [n, Fp * dim], labels [n]) for every clip of ``split``."""
-    embed_fn = make_embed_fn(encoder)
-    frames, patch_w = encoder.input_shape[1], encoder.patch_size[1]
-    pad = (split.frontend.pad_value - stats.mean) / stats.std
-    feats, labels = [], []
-    for clip in data_lib.whole_clips(split, stats):
-        feats.append(clip_embedding(embed_fn, clip["log_mel"], frames, patch_w, pad))
-        labels.append(int(clip["label"]))
-    return np.stack(feats), np.asarray(labels)
-
-
-def linear_probe(x_train, y_train, x_test, y_test, *, num_classes: int, steps: int = 500,
-                 lr: float = 1e-2, weight_decay: float = 1e-4, seed: int = 0) -> dict:
-    """Softmax regression (AdamW, full batch) on standardised features -> accuracies."""
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-    xtr = jnp.asarray((x_train - mean) / std)
-    xte = jnp.asarray((x_test - mean) / std)
-    ytr = jnp.asarray(y_train)
-    key = jax.random.key(seed)
-    params = dict(w=0.01 * jax.random.normal(key, (xtr.shape[1], num_classes)),
-                  b=jnp.zeros(num_classes))
+    Features must already be standardised. Returns (params {'w' [D, C], 'b' [C]}, info).
+    """
+    xtr, ytr = jnp.asarray(x_train, jnp.float32), jnp.asarray(y_train, jnp.int32)
+    xva = jnp.asarray(x_valid, jnp.float32)
+    params = dict(w=jnp.zeros((xtr.shape[1], num_classes)), b=jnp.zeros(num_classes))
     tx = optax.adamw(lr, weight_decay=weight_decay)
+    del seed  # zero init and full-batch steps: the probe is deterministic
 
     def loss_fn(p):
         logits = xtr @ p["w"] + p["b"]
         return optax.softmax_cross_entropy_with_integer_labels(logits, ytr).mean()
 
     @jax.jit
-    def fit(params):
+    def run(params, opt_state):
         def body(carry, _):
             p, s = carry
             grads = jax.grad(loss_fn)(p)
             updates, s = tx.update(grads, s, p)
             return (optax.apply_updates(p, updates), s), None
-        (params, _), _ = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
-        return params
+        (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), None,
+                                              length=eval_every)
+        valid_acc = jnp.mean((xva @ params["w"] + params["b"]).argmax(1) == y_valid)
+        return params, opt_state, valid_acc
 
-    params = fit(params)
-    acc = lambda x, y: float(np.mean(np.asarray((x @ params["w"] + params["b"]).argmax(1)) == y))
-    return dict(train_accuracy=acc(xtr, y_train), test_accuracy=acc(xte, y_test),
-                chance=1.0 / num_classes, num_train=int(len(y_train)),
-                num_test=int(len(y_test)), feature_dim=int(xtr.shape[1]))
+    opt_state = tx.init(params)
+    best, best_acc, best_step, waited, step = params, -1.0, 0, 0, 0
+    while step < max_steps and waited < patience:
+        params, opt_state, acc = run(params, opt_state)
+        step += eval_every
+        if float(acc) > best_acc:
+            best, best_acc, best_step, waited = params, float(acc), step, 0
+        else:
+            waited += 1
+    return best, dict(valid_accuracy=best_acc, best_step=best_step, steps=step)
+
+
+def accuracy(params, x, y) -> float:
+    return float(np.mean(np.asarray((jnp.asarray(x) @ params["w"] + params["b"]).argmax(1))
+                         == np.asarray(y)))
+
+
+def standardise(train, *others):
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    return [(a - mean) / std for a in (train, *others)]
+
+
+def probe(x_train, y_train, x_valid, y_valid, x_test, y_test, *, num_classes: int,
+          **kw) -> dict:
+    """Standardise with train statistics, fit with early stopping on valid, score on test."""
+    xtr, xva, xte = standardise(x_train, x_valid, x_test)
+    params, info = train_linear(xtr, y_train, xva, y_valid, num_classes=num_classes, **kw)
+    return dict(test_accuracy=accuracy(params, xte, y_test),
+                train_accuracy=accuracy(params, xtr, y_train), **info,
+                num_train=int(len(y_train)), num_test=int(len(y_test)))
+
+
+# ------------------------------------------------------------------------------- features
+
+def raw_features(log_mel: np.ndarray) -> np.ndarray:
+    """Pooled raw log-mel statistics [2 * n_mels]: mean and std of each mel bin over time."""
+    x = np.asarray(log_mel, np.float32)
+    return np.concatenate([x.mean(axis=1), x.std(axis=1)])
+
+
+def features_of(split: data_lib.DatasetSplit, featurise, *, cache: str | None = None,
+                desc: str = "embed"):
+    """(features [n, D], labels [n]) of every clip of ``split`` through ``featurise(log_mel)``,
+    cached in ``cache`` (.npz) when given."""
+    if cache and os.path.exists(cache):
+        with np.load(cache) as f:
+            return f["x"], f["y"]
+    from tqdm import tqdm
+    xs, ys = [], []
+    for i in tqdm(range(len(split)), desc=desc, unit="clip", leave=False, dynamic_ncols=True):
+        ex = split.source[i]
+        xs.append(featurise(ex["log_mel"]))
+        ys.append(int(ex["label"]))
+    x, y = np.stack(xs), np.asarray(ys)
+    if cache:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        np.savez(cache + ".tmp.npz", x=x, y=y)
+        os.replace(cache + ".tmp.npz", cache)
+    return x, y
+
+
+# ---------------------------------------------------------------------------------- tasks
+
+def resolve_task(spec: str, data_dir: str) -> tuple[str, str]:
+    """'synthetic_sounds' | 'builder/config' | 'audio_folder:/path/to/built/dataset' ->
+    (display name, dataset name or directory for data.open_split)."""
+    if ":" in spec:
+        _, path = spec.split(":", 1)
+        return os.path.basename(os.path.normpath(path)) or spec, path
+    if "/" not in spec:
+        spec = f"{spec}/default"
+    return spec, spec
+
+
+def split_names(data_dir: str, dataset: str) -> list[str]:
+    import json
+
+    path = data_lib.pipeline.dataset_dir(data_dir, dataset)
+    with open(os.path.join(path, "dataset_info.json")) as f:
+        return [s["name"] for s in json.load(f).get("splits", [])]
+
+
+def task_splits(data_dir: str, dataset: str) -> dict:
+    """The split plan: {'folds': [...]} for foldK datasets, else train/valid/test names."""
+    names = split_names(data_dir, dataset)
+    folds = sorted((n for n in names if re.fullmatch(r"fold\d+", n)), key=lambda n: int(n[4:]))
+    if len(folds) >= 2:
+        return dict(folds=folds)
+    missing = [s for s in ("train", "test") if s not in names]
+    if missing:
+        raise ProbeError(f"{dataset}: needs train and test splits (or fold1..foldK); it has "
+                         f"{names}")
+    return dict(train="train", valid="valid" if "valid" in names else None, test="test")
+
+
+def _split_valid(x, y, frac=0.1, seed=0):
+    """A stratified-enough random hold-out of the training set for early stopping."""
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(y))
+    n_valid = max(1, int(len(y) * frac))
+    return x[idx[n_valid:]], y[idx[n_valid:]], x[idx[:n_valid]], y[idx[:n_valid]]
+
+
+def evaluate_task(spec: str, data_dir: str, featurisers: dict, *, cache_dir: str | None = None,
+                  probe_kw: dict | None = None) -> dict:
+    """Probes every featuriser on one task -> {'task', 'num_test', 'num_classes',
+    'protocol', <featuriser name>: {test_accuracy, ...}}.
+
+    ``featurisers``: {name: (featurise(log_mel) -> vector, cache key or None)}.
+    """
+    name, dataset = resolve_task(spec, data_dir)
+    some_split = data_lib.open_split(data_dir, dataset, split_names(data_dir, dataset)[0])
+    if not some_split.num_classes:
+        raise ProbeError(f"task {spec!r}: dataset {dataset} has no labels; a linear probe "
+                         "needs a labelled dataset (build it with a CSV)")
+    plan = task_splits(data_dir, dataset)
+    wanted = plan.get("folds") or [s for s in (plan["train"], plan["valid"], plan["test"]) if s]
+    splits = {s: data_lib.open_split(data_dir, dataset, s) for s in wanted}
+    first = splits[wanted[0]]
+    labels = np.concatenate([[int(s.source[i]["label"]) for i in range(len(s))]
+                             for s in splits.values()])
+    if len(np.unique(labels)) < 2:
+        raise ProbeError(f"task {spec!r}: all clips have one class; a probe needs two or more")
+    num_classes = first.num_classes
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    out = dict(task=name, dataset=dataset, num_classes=num_classes)
+    kw = probe_kw or {}
+    for fname, (featurise, cache_key) in featurisers.items():
+        feats = {}
+        for s, split in splits.items():
+            cache = (os.path.join(cache_dir, cache_key, slug, f"{s}.npz")
+                     if cache_dir and cache_key else None)
+            feats[s] = features_of(split, featurise, cache=cache, desc=f"{name}:{s} {fname}")
+        if "folds" in plan:
+            accs, n_test = [], 0
+            for k, test_fold in enumerate(plan["folds"]):
+                rest = [f for f in plan["folds"] if f != test_fold]
+                x = np.concatenate([feats[f][0] for f in rest])
+                y = np.concatenate([feats[f][1] for f in rest])
+                xtr, ytr, xva, yva = _split_valid(x, y, seed=k)
+                r = probe(xtr, ytr, xva, yva, *feats[test_fold], num_classes=num_classes, **kw)
+                accs.append(r["test_accuracy"])
+                n_test += r["num_test"]
+            out[fname] = dict(test_accuracy=float(np.mean(accs)), fold_accuracies=accs)
+            out["num_test"] = n_test
+            out["protocol"] = f"leave-one-fold-out over {len(plan['folds'])} folds"
+        else:
+            xtr, ytr = feats[plan["train"]]
+            if plan["valid"]:
+                xva, yva = feats[plan["valid"]]
+            else:
+                xtr, ytr, xva, yva = _split_valid(xtr, ytr)
+            r = probe(xtr, ytr, xva, yva, *feats[plan["test"]], num_classes=num_classes, **kw)
+            out[fname] = r
+            out["num_test"] = r["num_test"]
+            out["protocol"] = ("train / valid (early stopping) / test" if plan["valid"] else
+                               "train (10% held out for early stopping) / test")
+    out["chance"] = 1.0 / num_classes
+    return out
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:10]
 
 
 def probe_workdir(workdir: str, data_dir: str, name: str, *, train_split="train",
                   test_split="test") -> dict:
-    """Loads the latest checkpoint of ``workdir`` and probes it on dataset ``name``."""
-    encoder, stats, _ = trainer.load_encoder(workdir)
-    train = data_lib.open_split(data_dir, name, train_split)
-    test = data_lib.open_split(data_dir, name, test_split)
-    if not train.num_classes:
-        raise ValueError(f"{name}:{train_split} has no labels to probe")
-    xtr, ytr = embed_split(encoder, train, stats)
-    xte, yte = embed_split(encoder, test, stats)
-    result = linear_probe(xtr, ytr, xte, yte, num_classes=train.num_classes)
-    result.update(dataset=name, train_split=train_split, test_split=test_split)
-    return result
+    """The demo's quick probe: the latest checkpoint of ``workdir`` on dataset ``name``."""
+    from dwm_jax.embedding import Embedder
+
+    emb = Embedder.from_workdir(workdir)
+    if (train_split, test_split) != ("train", "test"):
+        raise ProbeError("probe_workdir reads the train and test splits")
+    result = evaluate_task(name, data_dir, {"encoder": (emb.clip_embedding, None)})
+    return dict(test_accuracy=result["encoder"]["test_accuracy"], chance=result["chance"],
+                dataset=result["dataset"], protocol=result["protocol"],
+                num_test=result["num_test"])

@@ -75,18 +75,32 @@ class DatasetSplit:
         return NormStats(float(mean), float(np.sqrt(max(total_sq / frames - mean ** 2, 0.0))))
 
 
+def _latest_version(path: str) -> str | None:
+    if os.path.exists(os.path.join(path, "dataset_info.json")):
+        return path
+    versions = sorted(glob.glob(os.path.join(path, "*.*.*", "dataset_info.json")),
+                      key=lambda p: tuple(int(v) for v in p.split(os.sep)[-2].split(".")))
+    return os.path.dirname(versions[-1]) if versions else None
+
+
 def dataset_dir(data_dir: str, name: str) -> str:
-    """``DATA_DIR/<builder>/<config>/<latest version>`` of ``name`` = 'builder/config'."""
+    """``DATA_DIR/<builder>/<config>/<latest version>`` of ``name`` = 'builder/config', or
+    ``name`` itself when it is the directory of a built dataset (or of its versions)."""
+    if os.path.isabs(name) or name.startswith("."):
+        found = _latest_version(name) if os.path.isdir(name) else None
+        if not found:
+            raise FileNotFoundError(f"{name!r} is not the directory of a built dataset (no "
+                                    "dataset_info.json in it or in a version subdirectory)")
+        return found
     if name.count("/") != 1:
         raise ValueError(f"dataset name must look like 'builder/config' (e.g. "
                          f"'synthetic_sounds/default'); got {name!r}")
-    versions = sorted(glob.glob(os.path.join(data_dir, name, "*.*.*", "dataset_info.json")),
-                      key=lambda p: tuple(int(v) for v in p.split(os.sep)[-2].split(".")))
-    if not versions:
+    found = _latest_version(os.path.join(data_dir, name))
+    if not found:
         raise FileNotFoundError(
             f"dataset {name!r} is not built under {data_dir!r}; build it with "
             f"`python -m dwm_jax.data {name.split('/')[0]} --data_dir {data_dir} ...`")
-    return os.path.dirname(versions[-1])
+    return found
 
 
 def open_split(data_dir: str, name: str, split: str) -> DatasetSplit:

@@ -1,0 +1,92 @@
+"""Training step time and model FLOPs utilisation (MFU) for a config.
+
+  python benchmarks/train.py                                  # ViT-B M2D, DWM, batch 256, bf16
+  python benchmarks/train.py --batch 8 --size tiny            # something a CPU finishes
+  python benchmarks/train.py --objective msm_mae --masker random --dtype float32
+
+Times the jitted step (masking included) on random input of the paper's shape 80 x 608, over
+all visible devices (data parallel), after a warm-up. FLOPs per step come from XLA's cost
+analysis of the compiled (per-device) step; MFU = FLOPs / step time / per-device peak. The peak is --peak_tflops, or
+for known GPUs their dense bf16 peak (H100 SXM 989, H200 989, A100 312 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import common  # noqa: E402
+from dwm_jax import sharding, trainer  # noqa: E402
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--objective", default="m2d", choices=["m2d", "msm_mae"])
+    p.add_argument("--masker", default="dispersion")
+    p.add_argument("--size", default="base")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--peak_tflops", type=float, default=0.0)
+    args = p.parse_args()
+
+    cfg = common.base(args.objective, args.masker)
+    cfg.batch_size = args.batch
+    cfg.model.size = args.size
+    cfg.model.compute_dtype = args.dtype
+    mesh = sharding.make_mesh()
+    sharding.check_batch(args.batch, mesh)
+    setup = trainer.make_setup(cfg, steps_per_epoch=1000, total_steps=300_000)
+    abstract = trainer.abstract_state(setup, 0)
+    shardings = sharding.state_shardings(abstract, mesh, fsdp=args.fsdp)
+    state = jax.jit(lambda: trainer.init_state(setup, 0), out_shardings=shardings)()
+    step = trainer.jit_train_step(setup, shardings, mesh)
+    x = sharding.global_batch_array(
+        np.random.default_rng(0).standard_normal((args.batch, 80, 608), np.float32), mesh)
+
+    t0 = time.perf_counter()
+    compiled = step.lower(state, x).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    for _ in range(3):
+        state, m = step(state, x)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, m = step(state, x)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", device.platform)
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), 0.0)
+    print(f"device: {jax.device_count()} x {kind}; {args.objective} ViT-{args.size}, masker "
+          f"{args.masker}, batch {args.batch}, {args.dtype}, fsdp={args.fsdp}")
+    print(f"compile {compile_s:.1f} s; step {step_s * 1e3:.1f} ms (median of {args.steps}); "
+          f"{args.batch / step_s:.1f} examples/s")
+    if flops:
+        achieved = flops / step_s / 1e12
+        line = (f"XLA cost analysis (per-device program): {flops / 1e12:.3f} TFLOP per step "
+                f"= {achieved:.2f} TFLOP/s per device")
+        if peak:
+            line += f"; MFU {100 * achieved / peak:.1f} % of {peak:.0f} TFLOP/s"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Embeddings and the linear probe: separable vs shuffled labels, windowing, eval.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from dwm_jax import data, probe, trainer
+from dwm_jax.embedding import Embedder
+from dwm_jax.models import vit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _blobs(sizes, d=20, classes=4, margin=4.0, seed=0):
+    """Gaussian blobs around shared class centres: one (x, y) per requested split size."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, d)) * margin
+    out = []
+    for n in sizes:
+        y = np.arange(n) % classes
+        out.append((centres[y] + rng.standard_normal((n, d)), y))
+    return out
+
+
+def test_probe_is_near_perfect_on_separable_features_and_chance_on_shuffled_labels():
+    (xtr, ytr), (xva, yva), (xte, yte) = _blobs([400, 100, 200])
+    r = probe.probe(xtr, ytr, xva, yva, xte, yte, num_classes=4)
+    assert r["test_accuracy"] >= 0.98
+    accs = [probe.probe(xtr, np.random.default_rng(s).permutation(ytr), xva,
+                        np.random.default_rng(s + 10).permutation(yva), xte, yte,
+                        num_classes=4)["test_accuracy"] for s in range(3)]
+    assert abs(np.mean(accs) - 0.25) < 0.08, accs
+
+
+def test_early_stopping_keeps_the_best_validation_step():
+    (xtr, ytr), (xva, yva) = _blobs([200, 200], d=50, margin=0.3)
+    xtr, xva = probe.standardise(xtr, xva)
+    params, info = probe.train_linear(xtr, ytr, xva, yva, num_classes=4, max_steps=1000,
+                                      eval_every=50, patience=3)
+    assert info["best_step"] <= info["steps"] <= 1000
+    assert probe.accuracy(params, xva, yva) == pytest.approx(info["valid_accuracy"])
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    enc = vit.Encoder("micro", input_shape=(80, 64), rngs=nnx.Rngs(0))
+    return Embedder(enc, data.NormStats(-6.0, 3.0))
+
+
+def test_embedding_shapes_windowing_and_determinism(embedder):
+    rng = np.random.default_rng(0)
+    short = rng.standard_normal((80, 40)).astype(np.float32) - 6    # padded into one window
+    long = rng.standard_normal((80, 150)).astype(np.float32) - 6    # 3 windows, last padded
+    assert embedder.time_features(short).shape == (3, 5 * 64)       # ceil(40 / 16)
+    steps = embedder.time_features(long)
+    assert steps.shape == (10, 5 * 64)                              # ceil(150 / 16)
+    np.testing.assert_array_equal(steps, embedder.time_features(long))
+    # windowing: the first 64 frames are one window on their own
+    np.testing.assert_allclose(steps[:4], embedder.time_features(long[:, :64]), atol=1e-5)
+    np.testing.assert_allclose(steps[4:8], embedder.time_features(long[:, 64:128]), atol=1e-5)
+    np.testing.assert_allclose(embedder.clip_embedding(long), steps.mean(0), atol=1e-6)
+    # the token layout: time step t holds the Fp frequency tokens of column t
+    tokens = np.asarray(embedder.encoder((long[None, :, :64] + 6.0) / 3.0))[0, 1:]
+    np.testing.assert_allclose(steps[2], tokens.reshape(5, 4, 64)[:, 2].reshape(-1),
+                               atol=1e-4)
+    with pytest.raises(ValueError, match=r"expected a log-mel \[80, T\]"):
+        embedder.time_features(np.zeros((64, 100)))
+
+
+def test_waveform_embedding_matches_the_log_mel_path(embedder):
+    t = np.arange(22050 * 2) / 22050
+    wave = (0.3 * np.sin(2 * np.pi * 500 * t)).astype(np.float32)
+    import librosa
+    resampled = librosa.resample(wave, orig_sr=22050, target_sr=16000, res_type="soxr_hq")
+    np.testing.assert_allclose(embedder.from_waveform(wave, 22050),
+                               embedder.clip_embedding(embedder.frontend(resampled)), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_small, tmp_path_factory):
+    from tests.test_training import micro_config
+    workdir = str(tmp_path_factory.mktemp("run"))
+    trainer.train(micro_config(synthetic_small[0], "msm_mae", "random", total_steps=4),
+                  workdir, progress=False)
+    return workdir
+
+
+def test_eval_cli_writes_results_with_both_baselines(synthetic_small, trained_run):
+    res = subprocess.run([sys.executable, "eval.py", f"--workdir={trained_run}",
+                          "--tasks=synthetic_sounds/small",
+                          f"--data_dir={synthetic_small[0]}"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| synthetic_sounds/small | 48 | 12 |" in res.stdout
+    out = json.load(open(os.path.join(trained_run, "eval", "results.json")))
+    task = out["tasks"][0]
+    assert out["step"] == 4 and task["num_test"] == 48
+    for name in ("encoder", "random_init", "raw_logmel"):
+        assert 0.0 <= task[name]["test_accuracy"] <= 1.0
+    cache = os.path.join(trained_run, "eval", "cache")
+    assert os.path.exists(os.path.join(cache, "step_4", "synthetic_sounds_small", "test.npz"))
+    assert os.path.exists(os.path.join(trained_run, "eval", "results.md"))
+
+
+def test_eval_errors_are_clear(synthetic_small, trained_run, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "eval.py", *args], capture_output=True,
+                              text=True, cwd=REPO)
+    res = run(f"--workdir={tmp_path}")
+    assert res.returncode == 2 and "no checkpoint" in res.stderr
+    res = run(f"--workdir={trained_run}", "--tasks=nothing_here",
+              f"--data_dir={synthetic_small[0]}")
+    assert res.returncode == 2 and "not built" in res.stderr
+
+
+def test_unlabelled_and_one_class_tasks_are_refused(tmp_path):
+    import soundfile
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(3):
+        soundfile.write(str(clips / f"{i}.wav"), np.random.default_rng(i).standard_normal(
+            8000).astype(np.float32) * 0.1, 16000)
+    data_dir = str(tmp_path / "d")
+    data.build("audio_folder", data_dir,
+               config=data.audio_folder_config("unlab", audio_dir=str(clips)))
+    with open(tmp_path / "one.csv", "w") as f:
+        f.write("filename,label,split\n0.wav,dog,train\n1.wav,dog,train\n2.wav,dog,test\n")
+    data.build("audio_folder", data_dir, config=data.audio_folder_config(
+        "one", audio_dir=str(clips), csv_path=str(tmp_path / "one.csv")))
+    feats = {"raw": (probe.raw_features, None)}
+    with pytest.raises(probe.ProbeError, match="has no labels"):
+        probe.evaluate_task("audio_folder/unlab", data_dir, feats)
+    with pytest.raises(probe.ProbeError, match="one class"):
+        probe.evaluate_task("audio_folder/one", data_dir, feats)
+    # a built dataset can also be named by its directory
+    with pytest.raises(probe.ProbeError, match="one class"):
+        probe.evaluate_task(f"audio_folder:{data_dir}/audio_folder/one", data_dir, feats)
+
+
+def test_fold_datasets_use_leave_one_fold_out(tmp_path):
+    import soundfile
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    rows = ["filename,label,fold"]
+    for i in range(24):
+        label = i % 2
+        t = np.arange(16000) / 16000
+        x = np.sin(2 * np.pi * (300 if label else 3000) * t) * 0.3
+        x = x + 0.01 * np.random.default_rng(i).standard_normal(16000)
+        soundfile.write(str(clips / f"{i}.wav"), x.astype(np.float32), 16000)
+        rows.append(f"{i}.wav,{'low' if label else 'high'},{1 + i % 3}")
+    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    data_dir = str(tmp_path / "d")
+    data.build("audio_folder", data_dir, config=data.audio_folder_config(
+        "folds", audio_dir=str(clips), csv_path=str(tmp_path / "meta.csv")))
+    r = probe.evaluate_task("audio_folder/folds", data_dir, {"raw": (probe.raw_features, None)})
+    assert r["protocol"].startswith("leave-one-fold-out over 3 folds")
+    assert len(r["raw"]["fold_accuracies"]) == 3 and r["num_test"] == 24
+    assert r["raw"]["test_accuracy"] == 1.0  # a 300 Hz tone vs a 3 kHz tone
