@@ -260,7 +260,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     abstract = abstract_state(setup, cfg.seed)
     shardings = sharding.state_shardings(abstract, mesh, fsdp=cfg.fsdp)
     step_fn = jit_train_step(setup, shardings, mesh)
-    mask_fn = jax.jit(lambda key, x: setup.masker(key, x).mask)
+    # masking alone, as the step does it (SGIM: including its encoder pass), for the logs
+    mask_fn = jax.jit(lambda params, key, x: sample_mask(setup, params, x, key, 0.0).mask)
 
     # --- checkpoint: resume or start
     ckpt = checkpointing.Checkpointer(workdir, keep=cfg.keep_ckpts)
@@ -313,9 +314,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                 scalars["epoch"] = step / steps_per_epoch
                 scalars["examples_per_s"] = (step - last["step"]) * cfg.batch_size / (
                     now - last["time"])
-                jax.block_until_ready(mask_fn(jax.random.key(step), x))  # compiled, warm
+                key = jax.random.key(step)
+                jax.block_until_ready(mask_fn(state["params"], key, x))  # compiled, warm
                 t0 = time.perf_counter()
-                jax.block_until_ready(mask_fn(jax.random.key(step), x))
+                jax.block_until_ready(mask_fn(state["params"], key, x))
                 scalars["mask_ms"] = (time.perf_counter() - t0) * 1e3
                 if cfg.log_data_fingerprint:
                     scalars["data_crc32"] = zlib.crc32(np.asarray(batch["log_mel"]).tobytes())

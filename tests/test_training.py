@@ -213,6 +213,16 @@ def test_checkpoint_of_another_model_fails_clearly(synthetic_small, tmp_path):
         trainer.train(other, str(tmp_path), progress=False)
 
 
+@pytest.mark.parametrize("masker", ["sgim", "inverse_block", "time_freq", "block"])
+def test_the_loop_runs_with_every_strategy(synthetic_small, tmp_path, masker):
+    """Two logged steps of the full loop (masking-time logging included) per strategy."""
+    cfg = micro_config(synthetic_small[0], "m2d", masker, total_steps=2)
+    cfg.model.input_shape = (80, 304)  # a 5 x 19 grid: room for the paper's block settings
+    summary = trainer.train(cfg, str(tmp_path), progress=False)
+    assert summary["final_step"] == 2
+    assert np.isfinite(summary["last_metrics"]["loss"]) and summary["last_metrics"]["mask_ms"] > 0
+
+
 def test_impossible_configs_name_the_field(synthetic_small, tmp_path):
     with pytest.raises(ValueError, match="batch_size 1000 is larger"):
         trainer.train(micro_config(synthetic_small[0], batch_size=1000), str(tmp_path))

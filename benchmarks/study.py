@@ -1,0 +1,183 @@
+"""The masking study: pretrain the same small model with each strategy, probe each, one table.
+
+  python benchmarks/study.py --outdir docs/study                    # 5 strategies x 3 seeds
+  python benchmarks/study.py --outdir /tmp/s --tasks synthetic_sounds,audio_folder/esc50
+  python benchmarks/study.py --outdir /tmp/s --strategies random,dispersion --seeds 0 \
+      --total_steps 3 --size micro --dataset synthetic_sounds/small     # a smoke run
+
+Every run starts from configs/demo.py (ViT-tiny MSM-MAE, 80 x 304, batch 32, 8 epochs on
+synthetic_sounds/default) with only the masking strategy and the seed changed; the seed sets
+the initialisation, the data order and the masks. Strategies: random, inverse_block,
+dispersion (DWM with the hint schedule), dispersion_h0 (DWM with constant hint 0) and sgim.
+Each trained encoder is probed (embedding.Embedder + probe.evaluate_task) on every task, with
+the untrained encoder and raw log-mel statistics as baselines. Writes OUTDIR/results.json,
+OUTDIR/results.md (strategy x task, mean and std over seeds, step cost) and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import demo  # noqa: E402
+from dwm_jax import probe, trainer  # noqa: E402
+from dwm_jax.embedding import Embedder  # noqa: E402
+
+STRATEGIES = ("random", "inverse_block", "dispersion", "dispersion_h0", "sgim")
+
+
+def study_config(strategy: str, seed: int, args):
+    masker = "dispersion" if strategy == "dispersion_h0" else strategy
+    cfg = demo.get_config(masker)
+    cfg.seed = seed
+    cfg.probe.enabled = False
+    cfg.data.update(data_dir=args.data_dir, name=args.dataset)
+    if args.size:
+        cfg.model.size = args.size
+    if args.total_steps:
+        cfg.total_steps = args.total_steps
+    if args.batch:
+        cfg.batch_size = args.batch
+    if strategy == "dispersion_h0":
+        cfg.masking.hint.update(mode="constant", constant=0.0)
+    cfg.log_every = 10 if not args.total_steps else 1
+    return cfg
+
+
+def run_one(strategy: str, seed: int, args, tasks) -> dict:
+    cfg = study_config(strategy, seed, args)
+    workdir = os.path.join(args.outdir, "runs", f"{strategy}_seed{seed}")
+    t0 = time.perf_counter()
+    trainer.train(cfg, workdir, progress=False)
+    train_s = time.perf_counter() - t0
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    emb = Embedder.from_workdir(workdir)
+    out = dict(strategy=strategy, seed=seed, train_s=train_s,
+               examples_per_s=float(np.median([r["examples_per_s"] for r in rows[1:]] or
+                                              [rows[0]["examples_per_s"]])),
+               mask_ms=float(np.median([r["mask_ms"] for r in rows])),
+               loss_curve=[(r["step"], r["loss"]) for r in rows], tasks={})
+    cache = os.path.join(args.outdir, "cache")
+    for spec in tasks:
+        feats = {"encoder": (emb.clip_embedding, None)}
+        if seed == args.seeds[0] and strategy == args.strategies[0]:
+            rnd = Embedder.random_init(cfg, emb.stats, seed=0)
+            feats["random_init"] = (rnd.clip_embedding, f"random_init_{cfg.model.size}")
+            feats["raw_logmel"] = (probe.raw_features, "raw_logmel")
+        r = probe.evaluate_task(spec, args.data_dir, feats, cache_dir=cache)
+        out["tasks"][r["task"]] = {k: r[k]["test_accuracy"] for k in feats}
+        out["tasks"][r["task"]]["num_test"] = r["num_test"]
+    return out
+
+
+def summarise(runs: list[dict], strategies, tasks_order) -> str:
+    lines = ["| strategy | " + " | ".join(tasks_order) + " | mean | examples/s | mask ms |",
+             "|---|" + "---:|" * (len(tasks_order) + 3)]
+    for s in strategies:
+        mine = [r for r in runs if r["strategy"] == s]
+        if not mine:
+            continue
+        cells = []
+        for t in tasks_order:
+            accs = np.array([r["tasks"][t]["encoder"] for r in mine])
+            cells.append(f"{accs.mean():.3f} ± {accs.std(ddof=1) if len(accs) > 1 else 0:.3f}")
+        means = np.array([np.mean([r["tasks"][t]["encoder"] for t in tasks_order])
+                          for r in mine])
+        cells.append(f"{means.mean():.3f} ± {means.std(ddof=1) if len(means) > 1 else 0:.3f}")
+        cells.append(f"{np.mean([r['examples_per_s'] for r in mine]):.0f}")
+        cells.append(f"{np.mean([r['mask_ms'] for r in mine]):.2f}")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    base = next(r for r in runs if "random_init" in next(iter(r["tasks"].values())))
+    for name in ("random_init", "raw_logmel"):
+        cells = [f"{base['tasks'][t][name]:.3f}" for t in tasks_order]
+        cells.append(f"{np.mean([base['tasks'][t][name] for t in tasks_order]):.3f}")
+        lines.append(f"| *{name.replace('_', ' ')}* | " + " | ".join(cells) + " | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(runs, strategies, tasks_order, outdir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    present = [s for s in strategies if any(r["strategy"] == s for r in runs)]
+    width = 0.8 / max(len(tasks_order), 1)
+    for j, t in enumerate(tasks_order):
+        means = [np.mean([r["tasks"][t]["encoder"] for r in runs if r["strategy"] == s])
+                 for s in present]
+        errs = [np.std([r["tasks"][t]["encoder"] for r in runs if r["strategy"] == s])
+                for s in present]
+        axes[0].bar(np.arange(len(present)) + j * width, means, width, yerr=errs, label=t)
+    axes[0].set_xticks(np.arange(len(present)))
+    axes[0].set_xticklabels(present, rotation=30)
+    axes[0].set_ylabel("probe test accuracy")
+    axes[0].legend(fontsize=7)
+    axes[1].bar(present, [np.mean([r["examples_per_s"] for r in runs if r["strategy"] == s])
+                          for s in present])
+    axes[1].set_ylabel("training examples / s")
+    axes[1].tick_params(axis="x", rotation=30)
+    for s in present:
+        r = next(r for r in runs if r["strategy"] == s)
+        steps, losses = zip(*r["loss_curve"])
+        axes[2].plot(steps, losses, label=f"{s} (seed {r['seed']})")
+    axes[2].set_xlabel("step")
+    axes[2].set_ylabel("training loss")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(outdir, "study.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--outdir", required=True)
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--tasks", default="", help="default: the training dataset")
+    p.add_argument("--data_dir", default="data")
+    p.add_argument("--dataset", default="synthetic_sounds/default")
+    p.add_argument("--size", default="")
+    p.add_argument("--batch", type=int, default=0)
+    p.add_argument("--total_steps", type=int, default=0)
+    args = p.parse_args(argv)
+    args.strategies = args.strategies.split(",")
+    unknown = set(args.strategies) - set(STRATEGIES)
+    if unknown:
+        p.error(f"unknown strategies {sorted(unknown)}; choose from {STRATEGIES}")
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    tasks = args.tasks.split(",") if args.tasks else [args.dataset]
+    os.makedirs(args.outdir, exist_ok=True)
+    path = os.path.join(args.outdir, "results.json")
+    runs = json.load(open(path))["runs"] if os.path.exists(path) else []
+    done = {(r["strategy"], r["seed"]) for r in runs}
+    for seed in args.seeds:
+        for strategy in args.strategies:
+            if (strategy, seed) in done:
+                continue
+            r = run_one(strategy, seed, args, tasks)
+            runs.append(r)
+            with open(path, "w") as f:  # after every run: an interrupted study resumes
+                json.dump(dict(runs=runs), f, indent=1)
+            print(f"{strategy} seed {seed}: " + ", ".join(
+                f"{t} {v['encoder']:.3f}" for t, v in r["tasks"].items()) +
+                f" ({r['train_s']:.0f} s)", flush=True)
+    tasks_order = list(runs[0]["tasks"])
+    table = summarise(runs, args.strategies, tasks_order)
+    with open(os.path.join(args.outdir, "results.md"), "w") as f:
+        f.write(table)
+    plots(runs, args.strategies, tasks_order, args.outdir)
+    print(table)
+    return runs
+
+
+if __name__ == "__main__":
+    main()
