@@ -48,9 +48,7 @@ def main(argv):
         return 0
     if cfg.probe.enabled and jax.process_index() == 0:
         from dwm_jax import probe
-        result = probe.probe_workdir(workdir, cfg.data.data_dir, cfg.probe.name or cfg.data.name,
-                                     train_split=cfg.probe.train_split,
-                                     test_split=cfg.probe.test_split)
+        result = probe.probe_workdir(workdir, cfg.data.data_dir, cfg.probe.name or cfg.data.name)
         path = os.path.join(workdir, "probe.json")
         with open(path, "w") as f:
             json.dump(result, f, indent=1)

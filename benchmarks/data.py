@@ -97,30 +97,12 @@ def demo_step_rate(steps: int = 20) -> float:
 
 
 def raw_probe(data_dir: str) -> float:
-    """Softmax regression on per-bin mean and std of the log-mel: test accuracy."""
-    from dwm_jax import data
+    """eval.py's probe on pooled raw log-mel statistics (mean and std per mel bin)."""
+    from dwm_jax import probe
 
-    def pooled(split):
-        s = data.open_split(data_dir, "synthetic_sounds/default", split)
-        rows = [s.source[i] for i in range(len(s))]
-        x = np.stack([np.concatenate([r["log_mel"].astype(np.float32).mean(1),
-                                      r["log_mel"].astype(np.float32).std(1)]) for r in rows])
-        return x, np.array([r["label"] for r in rows])
-
-    xtr, ytr = pooled("train")
-    xte, yte = pooled("test")
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
-    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
-    k = int(ytr.max()) + 1
-    w, b = np.zeros((xtr.shape[1], k)), np.zeros(k)
-    for _ in range(3000):
-        z = xtr @ w + b
-        p = np.exp(z - z.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        p[np.arange(len(ytr)), ytr] -= 1
-        w -= 0.1 * (xtr.T @ p / len(ytr) + 1e-3 * w)
-        b -= 0.1 * p.mean(0)
-    return float(((xte @ w + b).argmax(1) == yte).mean())
+    result = probe.evaluate_task("synthetic_sounds/default", data_dir,
+                                 {"raw": (probe.raw_features, None)})
+    return result["raw"]["test_accuracy"]
 
 
 def main():

@@ -47,6 +47,5 @@ def base(objective: str = "m2d", masker: str = "dispersion") -> ml_collections.C
     c.keep_ckpts = 3
 
     # after training, a linear probe on a labelled dataset (name "" = config.data.name)
-    c.probe = ml_collections.ConfigDict(dict(enabled=False, name="", train_split="train",
-                                             test_split="test"))
+    c.probe = ml_collections.ConfigDict(dict(enabled=False, name=""))
     return c

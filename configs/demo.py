@@ -23,5 +23,5 @@ def get_config(arg: str = "dispersion"):
     c.masking.hint.update(start_epoch=2)
     c.log_every = 10
     c.ckpt_every = 60
-    c.probe.update(enabled=True)  # on config.data.name: train split -> test split
+    c.probe.update(enabled=True)  # on config.data.name, with eval.py's protocol
     return c

@@ -32,7 +32,7 @@ class ProbeError(ValueError):
 
 def train_linear(x_train, y_train, x_valid, y_valid, *, num_classes: int, lr: float = 1e-3,
                  weight_decay: float = 1e-4, max_steps: int = 3000, eval_every: int = 50,
-                 patience: int = 10, seed: int = 0):
+                 patience: int = 10):
     """Softmax regression with early stopping on the validation accuracy.
 
     Features must already be standardised. Returns (params {'w' [D, C], 'b' [C]}, info).
@@ -40,8 +40,7 @@ def train_linear(x_train, y_train, x_valid, y_valid, *, num_classes: int, lr: fl
     xtr, ytr = jnp.asarray(x_train, jnp.float32), jnp.asarray(y_train, jnp.int32)
     xva = jnp.asarray(x_valid, jnp.float32)
     params = dict(w=jnp.zeros((xtr.shape[1], num_classes)), b=jnp.zeros(num_classes))
-    tx = optax.adamw(lr, weight_decay=weight_decay)
-    del seed  # zero init and full-batch steps: the probe is deterministic
+    tx = optax.adamw(lr, weight_decay=weight_decay)  # zero init, full batch: deterministic
 
     def loss_fn(p):
         logits = xtr @ p["w"] + p["b"]
@@ -177,12 +176,11 @@ def evaluate_task(spec: str, data_dir: str, featurisers: dict, *, cache_dir: str
     plan = task_splits(data_dir, dataset)
     wanted = plan.get("folds") or [s for s in (plan["train"], plan["valid"], plan["test"]) if s]
     splits = {s: data_lib.open_split(data_dir, dataset, s) for s in wanted}
-    first = splits[wanted[0]]
     labels = np.concatenate([[int(s.source[i]["label"]) for i in range(len(s))]
                              for s in splits.values()])
     if len(np.unique(labels)) < 2:
         raise ProbeError(f"task {spec!r}: all clips have one class; a probe needs two or more")
-    num_classes = first.num_classes
+    num_classes = some_split.num_classes
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
     out = dict(task=name, dataset=dataset, num_classes=num_classes)
     kw = probe_kw or {}
@@ -224,14 +222,12 @@ def fingerprint(*parts) -> str:
     return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:10]
 
 
-def probe_workdir(workdir: str, data_dir: str, name: str, *, train_split="train",
-                  test_split="test") -> dict:
-    """The demo's quick probe: the latest checkpoint of ``workdir`` on dataset ``name``."""
+def probe_workdir(workdir: str, data_dir: str, name: str) -> dict:
+    """The demo's quick probe: the latest checkpoint of ``workdir`` on dataset ``name``
+    (its train / valid / test splits or folds, as eval.py reads them)."""
     from dwm_jax.embedding import Embedder
 
     emb = Embedder.from_workdir(workdir)
-    if (train_split, test_split) != ("train", "test"):
-        raise ProbeError("probe_workdir reads the train and test splits")
     result = evaluate_task(name, data_dir, {"encoder": (emb.clip_embedding, None)})
     return dict(test_accuracy=result["encoder"]["test_accuracy"], chance=result["chance"],
                 dataset=result["dataset"], protocol=result["protocol"],
