@@ -116,6 +116,17 @@ def unpatchify(p: jax.Array, grid: tuple[int, int], patch_size: tuple[int, int])
     return x.reshape(p.shape[0], fp * ph, tp * pw)
 
 
+def _slices(a: jax.Array, axis: int) -> list[jax.Array]:
+    return [jax.lax.index_in_dim(a, i, axis, keepdims=False) for i in range(a.shape[axis])]
+
+
+def _tree_sum(parts: list[jax.Array]) -> jax.Array:
+    """Pairwise sum of equal-shape arrays, as elementwise adds."""
+    while len(parts) > 1:
+        parts = [p + q for p, q in zip(parts[::2], parts[1::2])] + parts[len(parts) & ~1:]
+    return parts[0]
+
+
 def patch_dispersion(x: jax.Array, patch_size: tuple[int, int], metric: str = "mad",
                      granularity: str = "patch") -> jax.Array:
     """Per-patch dispersion of ``x [B, F, T]`` in float32 -> [B, N] (frequency-major).
@@ -132,13 +143,21 @@ def patch_dispersion(x: jax.Array, patch_size: tuple[int, int], metric: str = "m
     fp, tp = f // ph, t // pw
     x = x.astype(jnp.float32)
     if granularity == "patch":
-        # Reduce over the frequency sub-axis first: the time axis stays minor and vectorised.
-        rows = x.reshape(b, fp, ph, t)
-        mean = rows.sum(2).reshape(b, fp, tp, pw).sum(-1, keepdims=True) / (ph * pw)
-        mean_t = jnp.broadcast_to(mean, (b, fp, tp, pw)).reshape(b, fp, 1, t)
-        dev = rows - mean_t
-        dev = jnp.abs(dev) if metric == "mad" else dev * dev
-        d = dev.sum(2).reshape(b, fp, tp, pw).sum(-1) / (ph * pw)
+        # Two passes (patch means, then deviations), each summing a patch's ph mel rows and
+        # pw frames as a pairwise tree of elementwise adds rather than a reduce: XLA:CPU
+        # then emits each pass as one loop fusion that reads x once, where reduces here are
+        # handed to a library (YNNPACK) fusion that is 2-3x slower on the benchmark input
+        # (benchmarks/masking.py). GPU and TPU fuse either form.
+        rows = _slices(x.reshape(b, fp, ph, t), 2)  # ph x [B, Fp, T]
+
+        def patch_sums(parts):  # ph x [B, Fp, T] -> [B, Fp, Tp]
+            return _tree_sum(_slices(_tree_sum(parts).reshape(b, fp, tp, pw), 3))
+
+        mean = patch_sums(rows) / (ph * pw)
+        mean_t = jnp.broadcast_to(mean[..., None], (b, fp, tp, pw)).reshape(b, fp, t)
+        devs = [r - mean_t for r in rows]
+        devs = [jnp.abs(v) if metric == "mad" else v * v for v in devs]
+        d = patch_sums(devs) / (ph * pw)
     elif granularity == "frequency":
         mean = x.mean(-1, keepdims=True)
         dev = jnp.abs(x - mean) if metric == "mad" else (x - mean) ** 2
@@ -447,7 +466,8 @@ def block_mask(key, batch: int, grid, num_masked: int, min_patches: int, tries: 
         w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
         fits = (h >= 1) & (w >= 1) & (h <= fp) & (w <= tp)
         top = jnp.floor(jax.random.uniform(k_top, (batch, tries)) * (fp - h + 1)).astype(jnp.int32)
-        left = jnp.floor(jax.random.uniform(k_left, (batch, tries)) * (tp - w + 1)).astype(jnp.int32)
+        left = jnp.floor(jax.random.uniform(k_left, (batch, tries)) * (tp - w + 1))
+        left = left.astype(jnp.int32)
         in_rows = (rows >= top[..., None]) & (rows < (top + h)[..., None])  # [B, tries, Fp]
         in_cols = (cols >= left[..., None]) & (cols < (left + w)[..., None])  # [B, tries, Tp]
         block = in_rows[..., :, None] & in_cols[..., None, :]  # [B, tries, Fp, Tp]
