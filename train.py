@@ -5,7 +5,11 @@
 
 Resumes from the latest checkpoint in ``WORKDIR/checkpoints`` when there is one. Multi-host
 (TPU pods, GPU clusters): run one process per host with ``--multihost`` (or the environment
-that ``jax.distributed.initialize()`` reads); each host feeds its shard of the batch.
+that ``jax.distributed.initialize()`` reads); each host feeds its shard of the batch. Where
+nothing is detected, name the coordinator (on CPU this uses gloo collectives):
+
+    python train.py --config=... --workdir=DIR --coordinator_address=host0:1234 \
+        --num_processes=2 --process_id=0      # and --process_id=1 on the other host
 Writes ``WORKDIR/config.json``, ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/``;
 with ``config.probe.enabled`` it then runs the linear probe and writes ``probe.json``.
 """
@@ -21,6 +25,11 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "a configs/*.py file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and logs go", required=True)
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for clusters that "
+    "jax.distributed.initialize() cannot detect (implies --multihost)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "with --coordinator_address")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "with --coordinator_address")
 
 
 def main(argv):
@@ -28,7 +37,14 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and TFDS are chatty at INFO
     import jax
-    if _MULTIHOST.value:
+    if _COORDINATOR.value is not None:
+        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+            raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
+        # Cross-process collectives for the CPU backend (GPU and TPU bring their own);
+        # set before initialize, which must run before any backend exists.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif _MULTIHOST.value:
         jax.distributed.initialize()
     from dwm_jax import trainer
 

@@ -218,7 +218,12 @@ class _Writers:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint and exits at the next step."""
+    """SIGTERM sets a flag; the loop saves a checkpoint and exits at the next step.
+
+    With several processes the hosts must stop at the same step (the save and the next
+    step are collective), so :meth:`stop_now` all-gathers the flags: any host's SIGTERM
+    stops every host, at the same step.
+    """
 
     def __init__(self):
         self.requested = False
@@ -226,6 +231,13 @@ class _Preemption:
 
     def _handler(self, signum, frame):
         self.requested = True
+
+    def stop_now(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+        flags = multihost_utils.process_allgather(np.int32(self.requested))
+        return bool(np.any(flags))
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._old)
@@ -328,7 +340,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                     bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
             if bar is not None:
                 bar.update(1)
-            if preempt.requested:
+            if preempt.stop_now():
                 if ckpt.latest_step() != step:
                     ckpt.save(step, state, data_iter, meta)
                 ckpt.wait()
@@ -366,7 +378,11 @@ def load_encoder(workdir: str, step: int | None = None):
         if checkpointing.tree_signature(abstract) != meta["signature"]:
             raise checkpointing.CheckpointMismatchError(
                 f"{ckpt.directory}/{step}: the stored state does not match its own config")
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
+        # Onto this process's first device, whatever mesh wrote it (e.g. a pod's checkpoint
+        # read on one GPU): a target without shardings would ask for the writer's topology.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
         state, _ = ckpt.restore(step, target)
     finally:
         ckpt.close()
