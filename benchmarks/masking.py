@@ -143,7 +143,7 @@ def main(argv=None):
         return ids[:, :num_keep], restore, (restore >= num_keep).astype(jnp.float32)
     add("ref: random via argsort (MAE)", jax.jit(mae_random), note="two sorts, as in MAE")
     add("ref: one read of x (floor)", jax.jit(  # the sampler's first pass, on its own
-        lambda k, x: sum(x.reshape(b, shape[0] // 16, 16, -1)[:, :, i] for i in range(16))),
+        lambda k, x: masking._tree_sum(masking._slices(x.reshape(b, shape[0] // 16, 16, -1), 2))),
         note="patch-row sums: the least a data-dependent sampler reads")
     add("ref: MAD pass only", jax.jit(lambda k, x: masking.patch_dispersion(x, patch)))
 

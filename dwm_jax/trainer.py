@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from dwm_jax import checkpointing, masking, objectives, sharding
 from dwm_jax import data as data_lib
@@ -235,7 +236,6 @@ class _Preemption:
     def stop_now(self) -> bool:
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
         flags = multihost_utils.process_allgather(np.int32(self.requested))
         return bool(np.any(flags))
 
