@@ -1,10 +1,12 @@
 """The shared pretraining config: the paper's settings (ViT-B, 80 x 608, AdamW, warm-up +
-cosine, lr scaled by batch, clipping 3.0, 300 epochs, batch 2048). The launchable configs
-(m2d.py, msm_mae.py, demo.py) start from ``base()`` and change what differs."""
+cosine, lr scaled by batch, clipping 3.0, 300 epochs, batch 2048), and the authors' model
+sizes (M2D predictor 512 / 8 blocks / 16 heads; MSM-MAE decoder 384 / 4 / 6). The launchable
+configs (m2d.py, msm_mae.py, demo.py) start from ``base()`` and change what differs."""
 
 import ml_collections
 
 from configs import maskers
+from dwm_jax import objectives
 
 
 def base(objective: str = "m2d", masker: str = "dispersion") -> ml_collections.ConfigDict:
@@ -25,10 +27,16 @@ def base(objective: str = "m2d", masker: str = "dispersion") -> ml_collections.C
 
     c.model = ml_collections.ConfigDict(dict(
         size="base", input_shape=tuple(mask.input_shape), patch_size=tuple(mask.patch_size),
-        decoder=dict(dim=512, depth=8, heads=16), compute_dtype="float32"))
+        decoder=dict(objectives.M2D_PREDICTOR if objective == "m2d"
+                     else objectives.MSM_MAE_DECODER),
+        compute_dtype="float32"))
 
+    # norm_pix: the authors' norm_pix_loss (MSM-MAE: standardised patches; M2D: standardised
+    # target tokens). target_mode (M2D): 'm2d' (their target: own init, EMA of the blocks and
+    # final norm) or 'ema_encoder' (a copy of the whole encoder, all of it EMA'd).
     c.objective = ml_collections.ConfigDict(dict(
-        name=objective, ema_start=0.99995, ema_end=0.99999, norm_pix=True))
+        name=objective, ema_start=0.99995, ema_end=0.99999, norm_pix=True,
+        target_mode="m2d"))
 
     options = {k: v for k, v in mask.items()
                if k not in ("name", "input_shape", "patch_size", "mask_ratio")}
@@ -39,7 +47,9 @@ def base(objective: str = "m2d", masker: str = "dispersion") -> ml_collections.C
                   k=2, constant=1.0)))
 
     c.optim = ml_collections.ConfigDict(dict(
-        base_lr=3e-4, warmup_epochs=20, weight_decay=0.05, b1=0.9, b2=0.95, clip=3.0))
+        base_lr=3e-4, warmup_epochs=20, weight_decay=0.05, b1=0.9, b2=0.95, eps=1e-8,
+        clip=3.0,
+        decay_tokens=True))            # timm's grouping: CLS and mask tokens are decayed too
 
     c.log_every = 50
     c.log_data_fingerprint = False     # crc32 of each logged batch in metrics.jsonl

@@ -1,7 +1,9 @@
 """Audio front end: audio files to log-mel spectrograms with the paper's defaults.
 
 16 kHz mono, n_fft 400 (25 ms), hop 160 (10 ms), 80 mel bins over 50-8000 Hz,
-``log(mel + eps)``. Spectrograms are float32 ``[n_mels, frames]`` (frequency first, as the
+``log(mel + eps)``: the authors' front end (nnAudio ``MelSpectrogram``: periodic Hann window,
+centred frames with reflect padding, Slaney mel filterbank with area normalisation, power 2;
+eps = float32 eps). ``tests/test_reference.py`` compares it with their numbers. Spectrograms are float32 ``[n_mels, frames]`` (frequency first, as the
 models and samplers expect). Any file soundfile reads (wav, flac, ogg, mp3) loads; channels
 are averaged and the signal is resampled (soxr) to the front end's rate. Imports nothing
 else from dwm_jax.
@@ -47,14 +49,18 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
 
 def log_mel(wave: np.ndarray, sample_rate: int = 16000, *, n_fft: int = 400,
             hop_length: int = 160, n_mels: int = 80, fmin: float = 50.0,
-            fmax: float = 8000.0, eps: float = LOG_EPS) -> np.ndarray:
-    """Mono waveform [S] at ``sample_rate`` -> log-mel float32 [n_mels, 1 + S // hop]."""
+            fmax: float = 8000.0, eps: float = LOG_EPS,
+            pad_mode: str = "reflect") -> np.ndarray:
+    """Mono waveform [S] at ``sample_rate`` -> log-mel float32 [n_mels, 1 + S // hop].
+
+    ``pad_mode``: how the centred STFT pads ``n_fft // 2`` samples at each end ('reflect' as
+    the authors' nnAudio front end; 'constant' = zeros, librosa's default)."""
     wave = np.asarray(wave, np.float32)
     if wave.ndim != 1:
         raise ValueError(f"log_mel expects a mono waveform [samples]; got shape {wave.shape}")
     mel = librosa.feature.melspectrogram(
         y=wave, sr=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels,
-        fmin=fmin, fmax=fmax, power=2.0, center=True)
+        fmin=fmin, fmax=fmax, power=2.0, center=True, pad_mode=pad_mode)
     return np.log(mel + eps).astype(np.float32)
 
 
@@ -69,6 +75,7 @@ class LogMelFrontEnd:
     fmin: float = 50.0
     fmax: float = 8000.0
     eps: float = LOG_EPS
+    pad_mode: str = "reflect"
 
     def __post_init__(self):
         for name in ("sample_rate", "n_fft", "hop_length", "n_mels"):
@@ -81,6 +88,9 @@ class LogMelFrontEnd:
                              f"sample_rate={self.sample_rate}")
         if self.eps <= 0:
             raise ValueError(f"LogMelFrontEnd.eps must be > 0; got {self.eps}")
+        if self.pad_mode not in ("reflect", "constant"):
+            raise ValueError(f"LogMelFrontEnd.pad_mode must be 'reflect' or 'constant'; got "
+                             f"{self.pad_mode!r}")
 
     @property
     def pad_value(self) -> float:
@@ -94,7 +104,8 @@ class LogMelFrontEnd:
     def __call__(self, wave: np.ndarray) -> np.ndarray:
         """Waveform [S] at ``sample_rate`` -> float32 [n_mels, frames(S)]."""
         return log_mel(wave, self.sample_rate, n_fft=self.n_fft, hop_length=self.hop_length,
-                       n_mels=self.n_mels, fmin=self.fmin, fmax=self.fmax, eps=self.eps)
+                       n_mels=self.n_mels, fmin=self.fmin, fmax=self.fmax, eps=self.eps,
+                       pad_mode=self.pad_mode)
 
     def from_file(self, path: str | os.PathLike) -> np.ndarray:
         """Audio file -> float32 [n_mels, frames]; AudioLoadError names a bad file."""

@@ -6,11 +6,14 @@
     clip = emb.clip_embedding(log_mel)                # [5 * dim]
     clip = emb.from_waveform(wave, sample_rate=44100) # resampled, log-mel, then as above
 
-Features follow M2D: the encoder sees every patch of a window (no masking); for each time step
-the tokens of its frequency patches are concatenated (Fp x dim). Clips longer than the
-encoder's input are cut into consecutive windows, the last padded with the silence level;
-padded time steps are dropped, so a clip's embedding is the mean over its real time steps.
-Inputs are raw log-mel (the embedder applies the checkpoint's normalisation).
+Features follow the authors' runtime (``portable_m2d.encode_lms``): the input is normalised
+with the checkpoint's statistics, then cut into chunks of the encoder's input width; the last
+chunk is not padded to that width, only with zeros (the normalised mean) to a whole number of
+patches, and runs with fewer tokens and the positions of its first time columns. The encoder
+sees every patch of a chunk (no masking); for each time step the tokens of its frequency
+patches are concatenated (Fp x dim, feature ``f * dim + d``), and a clip's embedding is the
+mean over its time steps. ``tests/test_reference.py`` checks this against the features their
+runtime returned. Inputs are raw log-mel (the embedder applies the normalisation).
 """
 
 from __future__ import annotations
@@ -46,13 +49,13 @@ class Embedder:
         self._params = params
 
         @jax.jit
-        def windows_fn(params, x):  # [W, F, T] normalised -> [W, Tp, Fp * dim]
-            enc = nnx.merge(graphdef, params)
-            tokens = enc(x)[:, 1:].astype(jnp.float32)
-            tokens = tokens.reshape(x.shape[0], fp, tp, dim).transpose(0, 2, 1, 3)
-            return tokens.reshape(x.shape[0], tp, fp * dim)
+        def chunks_fn(params, x):  # [W, F, T'] normalised -> [W, T' / pw, Fp * dim]
+            tokens = nnx.merge(graphdef, params)(x)[:, 1:].astype(jnp.float32)
+            steps = x.shape[2] // self.patch_w
+            tokens = tokens.reshape(x.shape[0], fp, steps, dim).transpose(0, 2, 1, 3)
+            return tokens.reshape(x.shape[0], steps, fp * dim)
 
-        self._windows_fn = windows_fn
+        self._chunks_fn = chunks_fn
 
     @classmethod
     def from_workdir(cls, workdir: str, step: int | None = None) -> "Embedder":
@@ -80,14 +83,20 @@ class Embedder:
         length = log_mel.shape[1]
         if length == 0:
             raise ValueError("the log-mel has no frames")
-        windows = -(-length // self.frames)
-        padded = np.full((self.n_mels, _bucket(windows) * self.frames),
-                         self.frontend.pad_value, np.float32)
-        padded[:, :length] = log_mel
-        x = (padded - self.stats.mean) / self.stats.std
-        x = x.reshape(self.n_mels, -1, self.frames).transpose(1, 0, 2)
-        steps = np.asarray(self._windows_fn(self._params, jnp.asarray(x)))
-        return steps.reshape(-1, self.dim)[: -(-length // self.patch_w)]
+        x = (log_mel - self.stats.mean) / self.stats.std
+        x = np.pad(x, ((0, 0), (0, -length % self.patch_w)))   # zeros: the normalised mean
+        full, rest = divmod(x.shape[1], self.frames)
+        parts = []
+        if full:  # whole chunks in one call, padded to a power-of-two count: few compilations
+            windows = np.zeros((_bucket(full), self.n_mels, self.frames), np.float32)
+            windows[:full] = x[:, : full * self.frames].reshape(
+                self.n_mels, full, self.frames).transpose(1, 0, 2)
+            steps = np.asarray(self._chunks_fn(self._params, jnp.asarray(windows)))
+            parts.append(steps[:full].reshape(-1, self.dim))
+        if rest:  # the shorter last chunk, with its own (truncated) positions
+            last = jnp.asarray(x[None, :, full * self.frames:])
+            parts.append(np.asarray(self._chunks_fn(self._params, last))[0])
+        return np.concatenate(parts)
 
     def clip_embedding(self, log_mel: np.ndarray) -> np.ndarray:
         """Raw log-mel [n_mels, T] -> [Fp * dim], the mean over the clip's time steps."""

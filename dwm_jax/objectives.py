@@ -1,9 +1,12 @@
-"""Masked-prediction objectives, chosen by name: MSM-MAE and M2D.
+"""Masked-prediction objectives, chosen by name: MSM-MAE and M2D, as the authors wrote them.
 
 Each objective is an NNX module holding the trainable networks (``.encoder`` plus a decoder
-or predictor) with ``loss(x, mask, target=None) -> (loss, aux)``. M2D's target encoder is not
-part of the module: it is an EMA copy of the encoder's parameters (an ``nnx.State``) that the
-trainer carries in its state and passes in as ``target``; ``target_init`` makes the copy.
+or predictor) with ``loss(x, mask, target=None) -> (loss, aux)``. M2D's target network is not
+part of the module: its parameters (a pure dict, EMA-updated, never given to the optimizer)
+live in the train state and come in as ``target``; ``M2D.target_init`` makes them and
+``ema_source`` names the online parameters they follow. ``tests/test_reference.py`` checks
+both objectives against the authors' PyTorch numbers (``tests/data/reference``): outputs,
+losses, every gradient and one optimizer step.
 """
 
 from __future__ import annotations
@@ -35,15 +38,30 @@ def make_objective(name: str, **kwargs) -> nnx.Module:
     return OBJECTIVES[name](**kwargs)
 
 
-def _decoder_kwargs(decoder: dict | None) -> dict:
-    d = dict(dim=512, depth=8, heads=16)
-    d.update(decoder or {})
-    return d
+# The authors' ViT-B sizes: M2D's predictor (m2d_vit_base) and MSM-MAE's decoder
+# (msm_mae_vit_base, which forces depth 4 whatever --decoder_depth says).
+M2D_PREDICTOR = dict(dim=512, depth=8, heads=16)
+MSM_MAE_DECODER = dict(dim=384, depth=4, heads=6)
+
+
+def _decoder_kwargs(decoder: dict | None, default: dict) -> dict:
+    return {**default, **(decoder or {})}
+
+
+def standardise(v, eps: float = 1e-6):
+    """Per-vector standardisation over the last axis with the *unbiased* variance, as the
+    authors' ``norm_pix_loss``: ``(v - mean) / sqrt(var(ddof=1) + eps)``."""
+    mean = jnp.mean(v, axis=-1, keepdims=True)
+    var = jnp.var(v, axis=-1, keepdims=True, ddof=1)
+    return (v - mean) * jax.lax.rsqrt(var + eps)
 
 
 @register_objective("msm_mae")
 class MSMMAE(nnx.Module):
-    """MAE on log-mel: reconstruct the per-patch-normalised log-mel of the masked patches."""
+    """MSM-MAE (the authors' ``MaskedAutoencoderViT``): the decoder reconstructs every patch
+    from the visible ones; the loss is the mean squared error over the masked patches against
+    the input patches, each standardised over its pixels (``norm_pix=True``, their default).
+    The authors' decoder is 384 wide, 4 blocks, 6 heads (their factory forces it)."""
 
     uses_target = False
 
@@ -54,73 +72,127 @@ class MSMMAE(nnx.Module):
         self.patch_size, self.norm_pix = tuple(patch_size), norm_pix
         self.decoder = vit.TokenDecoder(self.encoder.size.dim, patch_size[0] * patch_size[1],
                                         grid=self.encoder.grid, dtype=dtype, rngs=rngs,
-                                        **_decoder_kwargs(decoder))
+                                        **_decoder_kwargs(decoder, MSM_MAE_DECODER))
 
     def predict(self, x, mask: masking.Mask):
         """-> reconstructions [B, N, ph * pw] (float32) in patch order."""
         latent = self.encoder(x, mask.ids_keep)
         return self.decoder(latent, mask.ids_restore).astype(jnp.float32)
 
+    def reconstruction_target(self, x):
+        """x [B, F, T] -> the patches to reconstruct [B, N, ph * pw] (float32)."""
+        patches = masking.patchify(x.astype(jnp.float32), self.patch_size)
+        return standardise(patches) if self.norm_pix else patches
+
     def loss(self, x, mask: masking.Mask, target=None):
         pred = self.predict(x, mask)
-        patches = masking.patchify(x.astype(jnp.float32), self.patch_size)
-        if self.norm_pix:
-            mean = patches.mean(-1, keepdims=True)
-            var = patches.var(-1, keepdims=True)
-            patches = (patches - mean) / jnp.sqrt(var + 1e-6)
-        per_patch = jnp.mean(jnp.square(pred - patches), axis=-1)  # [B, N]
+        per_patch = jnp.mean(jnp.square(pred - self.reconstruction_target(x)), axis=-1)
         loss = jnp.sum(per_patch * mask.mask) / jnp.sum(mask.mask)
         return loss, {}
 
 
-def _l2_normalise(v):
-    return v * jax.lax.rsqrt(jnp.maximum(jnp.sum(v * v, axis=-1, keepdims=True), 1e-12))
+def l2_normalise(v):
+    """``v / max(|v|, 1e-12)`` over the last axis (torch's ``F.normalize``), safe to
+    differentiate at 0."""
+    return v / jnp.sqrt(jnp.maximum(jnp.sum(v * v, axis=-1, keepdims=True), 1e-24))
+
+
+# nnx.Rngs(seed) draws the model's keys as fold_in(key(seed), 0, 1, 2, ...); the target's own
+# initialisation folds in this constant instead, far past any count a model reaches.
+_TARGET_INIT_STREAM = 0x4D3244
 
 
 @register_objective("m2d")
 class M2D(nnx.Module):
-    """M2D: the online encoder sees the visible patches; the predictor predicts the target
-    encoder's outputs for the masked patches; the target (EMA of the online encoder) sees only
-    the masked patches; loss ``2 - 2 cos`` on L2-normalised vectors."""
+    """M2D (the authors' ``M2DViT``): the online encoder sees the visible patches; the
+    predictor predicts, at the masked positions, what the target network makes of the masked
+    patches; loss ``2 - 2 cos`` between the L2-normalised prediction and target, averaged over
+    the masked tokens.
+
+    The target network (``target_mode="m2d"``, the authors' design): its own transformer
+    blocks and final LayerNorm, randomly initialised independently of the online encoder and
+    then an EMA of the online blocks and norm; it reuses the *online* patch embedding,
+    positions and CLS token, with no gradient through any of it. Its outputs are
+    standardised per token (``norm_target=True``, their ``norm_pix_loss``) before the cosine.
+
+    ``target_mode="ema_encoder"`` (an option, off by default): the target is a copy of the
+    whole online encoder at step 0 and an EMA of all of it, patch embedding and CLS included,
+    as in BYOL and data2vec. Its merit: from the first step the target is the same function as
+    the online encoder, and its input embedding moves only as fast as the EMA, so targets do
+    not shift with every optimizer step of the patch embedding.
+    """
 
     uses_target = True
+    TARGET_MODES = ("m2d", "ema_encoder")
 
     def __init__(self, *, size="base", input_shape=(80, 608), patch_size=(16, 16),
-                 decoder=None, dtype=jnp.float32, rngs: nnx.Rngs):
+                 decoder=None, norm_target=True, target_mode="m2d", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        if target_mode not in self.TARGET_MODES:
+            raise ValueError(f"M2D target_mode must be one of {self.TARGET_MODES}; got "
+                             f"{target_mode!r}")
         self.encoder = vit.Encoder(size, input_shape=input_shape, patch_size=patch_size,
                                    dtype=dtype, rngs=rngs)
         dim = self.encoder.size.dim
         self.predictor = vit.TokenDecoder(dim, dim, grid=self.encoder.grid, dtype=dtype,
-                                          rngs=rngs, **_decoder_kwargs(decoder))
+                                          rngs=rngs, **_decoder_kwargs(decoder, M2D_PREDICTOR))
+        self.norm_target, self.target_mode = norm_target, target_mode
 
-    def target_init(self) -> nnx.State:
-        """A copy of the encoder's parameters: the target encoder's starting point."""
-        return jax.tree.map(jnp.copy, nnx.state(self.encoder, nnx.Param))
+    def _online(self) -> dict:
+        return nnx.state(self.encoder, nnx.Param).to_pure_dict()
 
-    def target_outputs(self, x, mask: masking.Mask, target: nnx.State):
-        """Target encoder (EMA parameters) on the masked patches -> [B, M, dim], no grad."""
-        encoder = nnx.merge(nnx.graphdef(self.encoder), target)
-        out = encoder(x, mask.ids_mask)[:, 1:]
-        return jax.lax.stop_gradient(out.astype(jnp.float32))
+    def target_init(self, seed: int = 0) -> dict:
+        """The target network's parameters at step 0 (a pure dict).
+
+        ``m2d``: ``{'blocks', 'norm'}`` with their own random init (xavier-uniform weights,
+        zero biases, unit LayerNorms), drawn from ``seed`` on a stream the model's own
+        initialisation never uses. ``ema_encoder``: a copy of every online encoder parameter.
+        """
+        if self.target_mode == "ema_encoder":
+            return jax.tree.map(jnp.copy, self._online())
+        key = jax.random.fold_in(jax.random.key(seed), _TARGET_INIT_STREAM)
+        fresh = vit.Encoder(self.encoder.size, input_shape=self.encoder.input_shape,
+                            patch_size=self.encoder.patch_size, dtype=self.encoder.dtype,
+                            rngs=nnx.Rngs(key))
+        state = nnx.state(fresh, nnx.Param).to_pure_dict()
+        return {"blocks": state["blocks"], "norm": state["norm"]}
+
+    def target_outputs(self, x, mask: masking.Mask, target: dict):
+        """The target network on the masked patches -> [B, M, dim] (float32, no gradient),
+        standardised per token when ``norm_target``."""
+        params = jax.lax.stop_gradient({**self._online(), **target})
+        encoder = nnx.merge(nnx.graphdef(self.encoder), params)
+        out = encoder(x, mask.ids_mask)[:, 1:].astype(jnp.float32)
+        return jax.lax.stop_gradient(standardise(out) if self.norm_target else out)
 
     def loss(self, x, mask: masking.Mask, target=None):
         if target is None:
-            raise ValueError("M2D.loss needs the target encoder's parameters (target=...)")
+            raise ValueError("M2D.loss needs the target network's parameters (target=...)")
         latent = self.encoder(x, mask.ids_keep)
         pred = self.predictor(latent, mask.ids_restore)            # [B, N, D]
         pred = jnp.take_along_axis(pred, mask.ids_mask[..., None], axis=1).astype(jnp.float32)
         tgt = self.target_outputs(x, mask, target)
-        cos = jnp.sum(_l2_normalise(pred) * _l2_normalise(tgt), axis=-1)  # [B, M]
+        cos = jnp.sum(l2_normalise(pred) * l2_normalise(tgt), axis=-1)  # [B, M]
         return jnp.mean(2.0 - 2.0 * cos), {}
 
 
-def ema_decay(step, total_steps: int, start: float = 0.99995, end: float = 0.99999):
-    """M2D's EMA decay: linear from ``start`` to ``end`` over training."""
-    frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(total_steps, 1), 0.0, 1.0)
-    return start + (end - start) * frac
+def ema_rate(step, total_steps: int, start: float = 0.99995, end: float = 0.99999):
+    """``1 - decay`` of M2D's EMA at ``step`` (0-based), the decay moving linearly from
+    ``start`` at step 0 to ``end`` at the last step: ``step / (total_steps - 1)`` (their
+    ``ema_decay_sched``). Returned as the rate because in float32 ``1 - 0.99995`` loses three
+    digits, while the authors form ``1 - decay`` in float64."""
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(total_steps - 1, 1), 0.0, 1.0)
+    return jnp.float32(1.0 - start) + jnp.float32(start - end) * frac
 
 
-def ema_update(target: nnx.State, online: nnx.State, decay) -> nnx.State:
-    """target <- decay * target + (1 - decay) * online (same tree structure)."""
-    return jax.tree.map(lambda t, o: decay * t + (1.0 - decay) * o.astype(t.dtype),
+def ema_source(encoder_params: dict, target: dict) -> dict:
+    """The online encoder parameters that M2D's EMA moves ``target`` towards: the subtrees it
+    holds (``blocks`` and ``norm``, or all of them for ``ema_encoder``)."""
+    return {k: encoder_params[k] for k in target}
+
+
+def ema_update(target, online, rate):
+    """target <- (1 - rate) * target + rate * online (same tree structure); ``rate`` is
+    ``1 - decay``, see :func:`ema_rate`."""
+    return jax.tree.map(lambda t, o: t * (1.0 - rate) + rate * o.astype(t.dtype),
                         target, online)

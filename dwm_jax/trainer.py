@@ -51,6 +51,9 @@ def build_objective(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Modul
                   decoder=dict(m.decoder), dtype=DTYPES[m.compute_dtype], rngs=rngs)
     if cfg.objective.name == "msm_mae":
         kwargs["norm_pix"] = cfg.objective.norm_pix
+    else:  # M2D's norm_pix_loss standardises the target tokens
+        kwargs.update(norm_target=cfg.objective.norm_pix,
+                      target_mode=cfg.objective.get("target_mode", "m2d"))
     return objectives.make_objective(cfg.objective.name, **kwargs)
 
 
@@ -67,17 +70,31 @@ def lr_schedule(cfg, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
 
 
-def _decay_mask(params):
-    """Weight decay on matrices only (not biases, norms, CLS or mask tokens)."""
-    return jax.tree.map(lambda p: p.ndim == 2, params)
+TOKEN_PARAMS = ("cls_token", "mask_token")
+
+
+def decay_mask(params, decay_tokens: bool = True):
+    """Which parameters get weight decay: timm's grouping, as the authors use it
+    (``param_groups_weight_decay``): every parameter with more than one dimension, so
+    matrices *and* the [1, 1, D] CLS and mask tokens; biases and LayerNorm scales get none.
+    ``decay_tokens=False`` (an option) also exempts the two tokens, as timm models' own
+    ``no_weight_decay()`` lists do: decay pulls a lone learned vector towards 0 with nothing
+    to balance it but its own gradient."""
+    def leaf(path, p):
+        name = str(getattr(path[-1], "key", path[-1]))
+        return p.ndim > 1 and (decay_tokens or name not in TOKEN_PARAMS)
+    return jax.tree_util.tree_map_with_path(leaf, params)
 
 
 def make_optimizer(cfg, schedule) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (decoupled decay scaled by the lr, as torch's)."""
     o = cfg.optim
+    decay_tokens = o.get("decay_tokens", True)
     return optax.chain(
         optax.clip_by_global_norm(o.clip),
-        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                    mask=_decay_mask))
+        optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.get("eps", 1e-8),
+                    weight_decay=o.weight_decay,
+                    mask=lambda params: decay_mask(params, decay_tokens)))
 
 
 # ------------------------------------------------------------------------------------- state
@@ -117,7 +134,7 @@ def init_state(setup: Setup, seed: int) -> dict:
                  step=jnp.zeros((), jnp.int32),
                  rng=jax.random.key_data(jax.random.key(seed + 1)))
     if setup.uses_target:
-        state["target"] = jax.tree.map(jnp.copy, params["encoder"])
+        state["target"] = model.target_init(seed)
     return state
 
 
@@ -148,6 +165,12 @@ def train_step(setup: Setup, state: dict, x: jax.Array):
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     r_h = hint_ratio(setup, step)
     mask = sample_mask(setup, state["params"], x, key, r_h)
+    new, metrics = update(setup, state, x, mask)
+    return new, dict(metrics, hint_ratio=r_h)
+
+
+def update(setup: Setup, state: dict, x: jax.Array, mask: masking.Mask):
+    """The update for a given mask: loss and gradients, then :func:`apply_gradients`."""
     target = state["target"] if setup.uses_target else None
 
     def loss_fn(params):
@@ -155,16 +178,26 @@ def train_step(setup: Setup, state: dict, x: jax.Array):
         return model.loss(x, mask, target)
 
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    new = apply_gradients(setup, state, grads)
+    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
+                   lr=setup.schedule(state["step"]), param_norm=optax.tree.norm(new["params"]))
+    return new, metrics
+
+
+def apply_gradients(setup: Setup, state: dict, grads) -> dict:
+    """In the authors' order: global-norm clipping and AdamW on the online parameters, then
+    (M2D) the EMA of the target towards the *updated* online parameters, with the decay of
+    this step."""
+    step = state["step"]
     updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = dict(state, params=params, opt_state=opt_state, step=step + 1)
     if setup.uses_target:
         o = setup.config.objective
-        decay = objectives.ema_decay(step, setup.total_steps, o.ema_start, o.ema_end)
-        new["target"] = objectives.ema_update(state["target"], params["encoder"], decay)
-    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), lr=setup.schedule(step),
-                   hint_ratio=r_h, param_norm=optax.global_norm(params))
-    return new, metrics
+        rate = objectives.ema_rate(step, setup.total_steps, o.ema_start, o.ema_end)
+        online = objectives.ema_source(params["encoder"], state["target"])
+        new["target"] = objectives.ema_update(state["target"], online, rate)
+    return new
 
 
 def jit_train_step(setup: Setup, state_shardings, mesh):

@@ -54,8 +54,8 @@ def embedder():
 
 def test_embedding_shapes_windowing_and_determinism(embedder):
     rng = np.random.default_rng(0)
-    short = rng.standard_normal((80, 40)).astype(np.float32) - 6    # padded into one window
-    long = rng.standard_normal((80, 150)).astype(np.float32) - 6    # 3 windows, last padded
+    short = rng.standard_normal((80, 40)).astype(np.float32) - 6    # one 48-frame chunk
+    long = rng.standard_normal((80, 150)).astype(np.float32) - 6    # 64 + 64 + 32 frames
     assert embedder.time_features(short).shape == (3, 5 * 64)       # ceil(40 / 16)
     steps = embedder.time_features(long)
     assert steps.shape == (10, 5 * 64)                              # ceil(150 / 16)
@@ -64,6 +64,12 @@ def test_embedding_shapes_windowing_and_determinism(embedder):
     np.testing.assert_allclose(steps[:4], embedder.time_features(long[:, :64]), atol=1e-5)
     np.testing.assert_allclose(steps[4:8], embedder.time_features(long[:, 64:128]), atol=1e-5)
     np.testing.assert_allclose(embedder.clip_embedding(long), steps.mean(0), atol=1e-6)
+    # the last chunk is 22 frames padded with zeros (after normalisation) to 32, not to 64,
+    # and runs with the positions of the first 2 time columns (the authors' runtime)
+    last = np.zeros((1, 80, 32), np.float32)
+    last[0, :, :22] = (long[:, 128:] + 6.0) / 3.0
+    tokens = np.asarray(embedder.encoder(last))[0, 1:].reshape(5, 2, 64)
+    np.testing.assert_allclose(steps[8:], tokens.transpose(1, 0, 2).reshape(2, -1), atol=1e-4)
     # the token layout: time step t holds the Fp frequency tokens of column t
     tokens = np.asarray(embedder.encoder((long[None, :, :64] + 6.0) / 3.0))[0, 1:]
     np.testing.assert_allclose(steps[2], tokens.reshape(5, 4, 64)[:, 2].reshape(-1),

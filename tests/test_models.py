@@ -37,14 +37,17 @@ def test_golden_parameter_counts(size):
     assert GOLDEN_PARAMS[size] == 256 * s.dim + s.dim + s.dim + s.depth * block + 2 * s.dim
 
 
-def test_sincos_positions_are_frequency_major():
+def test_sincos_positions_put_time_first():
+    """Tokens frequency-major; channels 0-31 encode the time column, 32-63 the frequency row
+    (the authors' layout; tests/test_reference.py compares the values with theirs)."""
     emb = vit.sincos_2d(64, (5, 38))
     assert emb.shape == (190, 64)
     row2 = emb[2 * 38:3 * 38]  # frequency row 2, all time columns
-    np.testing.assert_allclose(row2[:, :32], np.broadcast_to(row2[:1, :32], (38, 32)))
+    np.testing.assert_allclose(row2[:, 32:], np.broadcast_to(row2[:1, 32:], (38, 32)))
     col7 = emb[7::38]          # time column 7, all frequency rows
-    np.testing.assert_allclose(col7[:, 32:], np.broadcast_to(col7[:1, 32:], (5, 32)))
+    np.testing.assert_allclose(col7[:, :32], np.broadcast_to(col7[:1, :32], (5, 32)))
     np.testing.assert_allclose(emb[0, 16:32], 1.0)  # cos(0)
+    np.testing.assert_allclose(emb[5, 0], np.sin(5.0), rtol=1e-6)  # time 5, first sine
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +71,12 @@ def test_encoder_runs_on_visible_tokens_only(batch):
                                                              axis=1), atol=1e-5)
     with pytest.raises(ValueError, match=r"expects input \[B, 80, 64\]"):
         enc(jnp.zeros((1, 80, 608)))
+    with pytest.raises(ValueError, match=r"shorter multiple of 16"):
+        enc(jnp.zeros((1, 80, 40)))
+    # a shorter input (the runtime's last chunk) takes the first time columns' positions
+    short = enc.embed(x[:, :, :32])
+    np.testing.assert_allclose(short, enc.embed(x).reshape(3, 5, 4, 64)[:, :, :2].reshape(
+        3, 10, 64), atol=1e-5)
 
 
 def test_msm_mae_shapes_and_norm_pix_loss(batch):
@@ -78,7 +87,7 @@ def test_msm_mae_shapes_and_norm_pix_loss(batch):
     assert pred.shape == (3, 20, 256)
     loss, _ = model.loss(x, mask)
     p = np.asarray(masking.patchify(x, (16, 16)))
-    p = (p - p.mean(-1, keepdims=True)) / np.sqrt(p.var(-1, keepdims=True) + 1e-6)
+    p = (p - p.mean(-1, keepdims=True)) / np.sqrt(p.var(-1, ddof=1, keepdims=True) + 1e-6)
     per_patch = ((np.asarray(pred) - p) ** 2).mean(-1)
     m = np.asarray(mask.mask)
     np.testing.assert_allclose(loss, (per_patch * m).sum() / m.sum(), rtol=1e-5)
@@ -91,8 +100,14 @@ def test_m2d_shapes_target_and_loss(batch):
     target = model.target_init()
     tgt = model.target_outputs(x, mask, target)
     assert tgt.shape == (3, 14, 64)  # the masked patches only
-    # the target encoder sees only masked patches: equal to the online encoder on ids_mask
-    np.testing.assert_allclose(tgt, model.encoder(x, mask.ids_mask)[:, 1:], atol=1e-5)
+    # the target network: online patch embedding and CLS, its own blocks and norm, on ids_mask,
+    # then standardised per token (unbiased variance)
+    online = nnx.state(model.encoder, nnx.Param).to_pure_dict()
+    enc = nnx.merge(nnx.graphdef(model.encoder), {**online, **target})
+    raw = np.asarray(enc(x, mask.ids_mask)[:, 1:])
+    expect = (raw - raw.mean(-1, keepdims=True)) / np.sqrt(raw.var(-1, ddof=1, keepdims=True)
+                                                          + 1e-6)
+    np.testing.assert_allclose(tgt, expect, atol=1e-4)
     loss, _ = model.loss(x, mask, target)
     assert loss.shape == () and 0.0 <= float(loss) <= 4.0
     # 2 - 2 cos by hand
@@ -101,17 +116,27 @@ def test_m2d_shapes_target_and_loss(batch):
     t = np.asarray(tgt)
     cos = (pred * t).sum(-1) / np.linalg.norm(pred, axis=-1) / np.linalg.norm(t, axis=-1)
     np.testing.assert_allclose(loss, np.mean(2 - 2 * cos), rtol=1e-4)
+    # no gradient reaches the online encoder through the target path
+    def target_only(params):
+        m = nnx.merge(nnx.graphdef(model), params)
+        return jnp.sum(m.target_outputs(x, mask, target))
+    grads = jax.grad(target_only)(nnx.state(model, nnx.Param).to_pure_dict())
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
     with pytest.raises(ValueError, match="target"):
         model.loss(x, mask)
+    with pytest.raises(ValueError, match="target_mode"):
+        objectives.make_objective("m2d", size="micro", target_mode="copy", rngs=nnx.Rngs(0))
 
 
 def test_ema_update_and_decay_schedule():
     t = {"w": jnp.ones(3)}
     o = {"w": jnp.zeros(3)}
-    np.testing.assert_allclose(objectives.ema_update(t, o, 0.9)["w"], 0.9)
-    assert float(objectives.ema_decay(0, 100)) == pytest.approx(0.99995)
-    assert float(objectives.ema_decay(100, 100)) == pytest.approx(0.99999)
-    assert float(objectives.ema_decay(50, 100)) == pytest.approx(0.99997)
+    np.testing.assert_allclose(objectives.ema_update(t, o, 0.1)["w"], 0.9)
+    # their ema_decay_sched: step / (total_steps - 1), so the last step (99) reaches the end;
+    # the rate 1 - decay keeps its digits in float32
+    assert float(objectives.ema_rate(0, 100)) == pytest.approx(5e-5, rel=1e-6)
+    assert float(objectives.ema_rate(99, 100)) == pytest.approx(1e-5, rel=1e-6)
+    assert float(objectives.ema_rate(33, 100)) == pytest.approx(3.6666667e-5, rel=1e-6)
 
 
 def test_bfloat16_compute_keeps_float32_parameters(batch):

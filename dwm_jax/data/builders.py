@@ -133,8 +133,9 @@ class SyntheticSoundsConfig(tfds.core.BuilderConfig):
 class SyntheticSounds(_LogMelBuilder):
     """Twelve procedural sound classes (see synthetic.py): the default offline dataset."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "Front end pads the STFT by reflection, as the authors' does."}
     BUILDER_CONFIGS = [
         SyntheticSoundsConfig(name="default", description="80/20/20 clips per class, 6.08 s"),
         SyntheticSoundsConfig(name="small", train_per_class=8, valid_per_class=2,
@@ -253,8 +254,9 @@ class AudioFolder(_LogMelBuilder):
     Build through ``dwm_jax.data.build`` (CLI: ``python -m dwm_jax.data``).
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "Front end pads the STFT by reflection, as the authors' does."}
     BUILDER_CONFIGS = []  # the user's folders are configs made with audio_folder_config
 
     def __init__(self, *args, **kwargs):

@@ -116,7 +116,8 @@ def open_split(data_dir: str, name: str, split: str) -> DatasetSplit:
         metadata = json.load(f)
     features = builder.info.features
     label_names = tuple(features["label"].names) if "label" in features.keys() else None
-    frontend = audio.LogMelFrontEnd(**metadata["frontend"])
+    # datasets written before pad_mode was recorded used librosa's zero padding
+    frontend = audio.LogMelFrontEnd(**{"pad_mode": "constant", **metadata["frontend"]})
     return DatasetSplit(name, split, builder.as_data_source(split), label_names, frontend,
                         metadata)
 

@@ -1,9 +1,12 @@
 """ViT encoder over log-mel patches, and the token decoder used as MAE decoder / M2D predictor.
 
 Patches are 16 x 16 (configurable) in frequency-major order (``f_row * Tp + t_col``), the order
-of ``dwm_jax.masking``; positions are fixed 2-D sin-cos; a CLS token is prepended; blocks are
-pre-LN. The encoder runs on the visible tokens only (``ids_keep``). Parameters are float32;
-``dtype`` sets the compute dtype (e.g. bfloat16).
+of ``dwm_jax.masking`` and of the authors' Conv2d patch embedding; positions are fixed 2-D
+sin-cos in the authors' channel layout (time first); a CLS token is prepended; blocks are
+timm's pre-LN blocks (fused qkv, exact GELU, LayerNorm eps 1e-6). The encoder runs on the
+visible tokens only (``ids_keep``). Parameters are float32; ``dtype`` sets the compute dtype
+(e.g. bfloat16). ``tests/test_reference.py`` checks every module against the authors' PyTorch
+M2D and MSM-MAE numbers.
 """
 
 from __future__ import annotations
@@ -36,8 +39,14 @@ SIZES = {
 
 
 def sincos_2d(dim: int, grid: tuple[int, int]) -> np.ndarray:
-    """Fixed 2-D sin-cos positions [Fp * Tp, dim] in frequency-major order: the first half of
-    the channels encodes the frequency row, the second half the time column (MAE's recipe)."""
+    """Fixed 2-D sin-cos positions [Fp * Tp, dim] for tokens in frequency-major order.
+
+    The authors' layout (MAE's ``get_2d_sincos_pos_embed`` on a (Fp, Tp) grid, where the half
+    it names ``emb_h`` is computed from the *time* coordinate): channels ``[0, dim/2)`` encode
+    the time column, ``[dim/2, dim)`` the frequency row; each half is ``dim/4`` sines then
+    ``dim/4`` cosines of ``pos * 10000 ** (-i / (dim/4))``. CLS gets no position (their row 0
+    is zeros).
+    """
     if dim % 4:
         raise ValueError(f"sin-cos positions need dim divisible by 4; got {dim}")
     quarter = dim // 4
@@ -48,7 +57,7 @@ def sincos_2d(dim: int, grid: tuple[int, int]) -> np.ndarray:
         return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
     rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
-    emb = np.concatenate([encode(rows.ravel()), encode(cols.ravel())], axis=1)
+    emb = np.concatenate([encode(cols.ravel()), encode(rows.ravel())], axis=1)
     return emb.astype(np.float32)
 
 
@@ -109,19 +118,31 @@ class Encoder(nnx.Module):
         return self.grid[0] * self.grid[1]
 
     def embed(self, x):
-        """[B, F, T] -> patch tokens with positions [B, N, dim]."""
-        if x.shape[1:] != self.input_shape:
-            raise ValueError(f"encoder expects input [B, {self.input_shape[0]}, "
-                             f"{self.input_shape[1]}]; got {x.shape}")
+        """[B, F, T'] -> patch tokens with positions [B, Fp * T' / pw, dim].
+
+        ``T'`` is the configured width or, as in the authors' runtime for the last chunk of a
+        long clip, any shorter multiple of the patch width: the positions are then those of
+        the first ``T' / pw`` time columns.
+        """
+        (f, t), pw = self.input_shape, self.patch_size[1]
+        if x.ndim != 3 or x.shape[1] != f or not 0 < x.shape[2] <= t or x.shape[2] % pw:
+            raise ValueError(f"encoder expects input [B, {f}, {t}] (or a shorter multiple of "
+                             f"{pw} frames); got {x.shape}")
         tokens = self.patch_embed(masking.patchify(x.astype(self.dtype), self.patch_size))
-        return tokens + sincos_2d(self.size.dim, self.grid).astype(self.dtype)
+        pos = sincos_2d(self.size.dim, self.grid).reshape(self.grid[0], self.grid[1], -1)
+        pos = pos[:, : x.shape[2] // pw].reshape(-1, self.size.dim)
+        return tokens + pos.astype(self.dtype)
 
     def __call__(self, x, ids_keep=None):
         """x [B, F, T]; ids_keep int [B, K] or None (all N patches) -> [B, 1 + K, dim]."""
         tokens = self.embed(x)
         if ids_keep is not None:
             tokens = jnp.take_along_axis(tokens, ids_keep[..., None], axis=1)
-        cls = jnp.broadcast_to(self.cls_token.value.astype(self.dtype),
+        return self.encode_tokens(tokens)
+
+    def encode_tokens(self, tokens):
+        """Embedded patch tokens [B, K, dim] -> [CLS, tokens] through the blocks and final LN."""
+        cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype),
                                (tokens.shape[0], 1, self.size.dim))
         h = jnp.concatenate([cls, tokens], axis=1)
         for block in self.blocks:
@@ -150,15 +171,20 @@ class TokenDecoder(nnx.Module):
         self.head = nnx.Linear(dim, out_dim, dtype=dtype, kernel_init=init, rngs=rngs)
 
     def __call__(self, tokens, ids_restore):
+        h = self.prepare(tokens, ids_restore)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h))[:, 1:]
+
+    def prepare(self, tokens, ids_restore):
+        """The input of the first block [B, 1 + N, dim]: embedded CLS, then every patch in
+        patch order (visible tokens or the mask token) plus its position."""
         b, n = ids_restore.shape
         h = self.embed(tokens)
         cls, visible = h[:, :1], h[:, 1:]
-        fill = jnp.broadcast_to(self.mask_token.value.astype(self.dtype),
+        fill = jnp.broadcast_to(self.mask_token[...].astype(self.dtype),
                                 (b, n - visible.shape[1], self.dim))
         h = jnp.concatenate([visible, fill], axis=1)  # shuffled order: keep, then masked
         h = jnp.take_along_axis(h, ids_restore[..., None], axis=1)  # patch order
         h = h + sincos_2d(self.dim, self.grid).astype(self.dtype)
-        h = jnp.concatenate([cls, h], axis=1)
-        for block in self.blocks:
-            h = block(h)
-        return self.head(self.norm(h))[:, 1:]
+        return jnp.concatenate([cls, h], axis=1)
