@@ -8,7 +8,8 @@ A task is a built, labelled dataset: 'builder' (config 'default'), 'builder/conf
 'audio_folder:PATH' with PATH the directory of a built dataset. Each task is probed with the
 run's encoder (latest checkpoint, or --step), the same architecture untrained (random init)
 and pooled raw log-mel statistics. Writes RUN/eval/results.json and RUN/eval/results.md and
-prints the table; embeddings are cached under RUN/eval/cache/ per checkpoint and task.
+prints the table; embeddings are cached under RUN/eval/cache/, keyed by a hash of the
+weights and of the task's data.
 """
 
 import json
@@ -57,11 +58,10 @@ def main(argv):
     encoder = Embedder.from_workdir(workdir, step)
     random_init = Embedder.random_init(meta["config"], encoder.stats, seed=0)
     cache = None if _NO_CACHE.value else os.path.join(workdir, "eval", "cache")
+    # cache keys identify the weights (not the step: a retrained run reaches the same step)
     featurisers = {
-        "encoder": (encoder.clip_embedding, f"step_{step}"),
-        "random_init": (random_init.clip_embedding,
-                        "random_init_" + probe.fingerprint(json.dumps(meta["config"]["model"],
-                                                                      sort_keys=True))),
+        "encoder": (encoder.clip_embedding, f"encoder_{encoder.fingerprint}"),
+        "random_init": (random_init.clip_embedding, f"random_init_{random_init.fingerprint}"),
         "raw_logmel": (probe.raw_features, "raw_logmel"),
     }
     results = []

@@ -69,7 +69,7 @@ def run_one(strategy: str, seed: int, args, tasks) -> dict:
         feats = {"encoder": (emb.clip_embedding, None)}
         if seed == args.seeds[0] and strategy == args.strategies[0]:
             rnd = Embedder.random_init(cfg, emb.stats, seed=0)
-            feats["random_init"] = (rnd.clip_embedding, f"random_init_{cfg.model.size}")
+            feats["random_init"] = (rnd.clip_embedding, f"random_init_{rnd.fingerprint}")
             feats["raw_logmel"] = (probe.raw_features, "raw_logmel")
         r = probe.evaluate_task(spec, args.data_dir, feats, cache_dir=cache)
         out["tasks"][r["task"]] = {k: r[k]["test_accuracy"] for k in feats}

@@ -18,6 +18,11 @@ runtime returned. Inputs are raw log-mel (the embedder applies the normalisation
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +30,11 @@ from flax import nnx
 
 from dwm_jax import audio
 from dwm_jax.data import NormStats
+
+
+# Part of every embedding cache key: bump it when the features that given weights produce
+# change. 2: the authors' positions and runtime chunking (issue #7).
+FEATURE_VERSION = 2
 
 
 def _bucket(n: int) -> int:
@@ -74,6 +84,21 @@ class Embedder:
 
         cfg = ml_collections.ConfigDict(config) if isinstance(config, dict) else config
         return cls(trainer.build_objective(cfg, nnx.Rngs(seed)).encoder, stats)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Identifies the features this embedder computes: a hash of the weights, the
+        normalisation, the front end, the shapes and FEATURE_VERSION (a cache key)."""
+        h = hashlib.sha256(json.dumps(dict(
+            version=FEATURE_VERSION, stats=[float(self.stats.mean), float(self.stats.std)],
+            frontend=dataclasses.asdict(self.frontend), input_shape=[self.n_mels, self.frames],
+            patch_size=list(self.encoder.patch_size),
+            size=dataclasses.asdict(self.encoder.size)), sort_keys=True).encode())
+        leaves = jax.tree_util.tree_flatten_with_path(self._params.to_pure_dict())[0]
+        for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+            h.update(jax.tree_util.keystr(path).encode())
+            h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+        return h.hexdigest()[:16]
 
     def time_features(self, log_mel: np.ndarray) -> np.ndarray:
         """Raw log-mel [n_mels, T] -> per-time-step features [ceil(T / patch_w), Fp * dim]."""

@@ -166,7 +166,8 @@ def evaluate_task(spec: str, data_dir: str, featurisers: dict, *, cache_dir: str
     """Probes every featuriser on one task -> {'task', 'num_test', 'num_classes',
     'protocol', <featuriser name>: {test_accuracy, ...}}.
 
-    ``featurisers``: {name: (featurise(log_mel) -> vector, cache key or None)}.
+    ``featurisers``: {name: (featurise(log_mel) -> vector, cache key or None)}; the key must
+    identify the featuriser (e.g. ``Embedder.fingerprint``), the data are identified here.
     """
     name, dataset = resolve_task(spec, data_dir)
     some_split = data_lib.open_split(data_dir, dataset, split_names(data_dir, dataset)[0])
@@ -181,7 +182,8 @@ def evaluate_task(spec: str, data_dir: str, featurisers: dict, *, cache_dir: str
     if len(np.unique(labels)) < 2:
         raise ProbeError(f"task {spec!r}: all clips have one class; a probe needs two or more")
     num_classes = some_split.num_classes
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    # the cache path names the data too: a rebuilt dataset never reuses old features
+    slug = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{dataset_fingerprint(data_dir, dataset)}"
     out = dict(task=name, dataset=dataset, num_classes=num_classes)
     kw = probe_kw or {}
     for fname, (featurise, cache_key) in featurisers.items():
@@ -218,8 +220,15 @@ def evaluate_task(spec: str, data_dir: str, featurisers: dict, *, cache_dir: str
     return out
 
 
-def fingerprint(*parts) -> str:
-    return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:10]
+def dataset_fingerprint(data_dir: str, dataset: str) -> str:
+    """A hash of a built dataset's descriptions (TFDS info with shard sizes, our metadata
+    with per-split statistics): changes whenever the dataset is rebuilt with other data."""
+    path = data_lib.dataset_dir(data_dir, dataset)
+    h = hashlib.sha256()
+    for name in ("dataset_info.json", "metadata.json"):
+        with open(os.path.join(path, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:12]
 
 
 def probe_workdir(workdir: str, data_dir: str, name: str) -> dict:

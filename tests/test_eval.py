@@ -109,8 +109,38 @@ def test_eval_cli_writes_results_with_both_baselines(synthetic_small, trained_ru
     for name in ("encoder", "random_init", "raw_logmel"):
         assert 0.0 <= task[name]["test_accuracy"] <= 1.0
     cache = os.path.join(trained_run, "eval", "cache")
-    assert os.path.exists(os.path.join(cache, "step_4", "synthetic_sounds_small", "test.npz"))
+    data_fp = probe.dataset_fingerprint(synthetic_small[0], "synthetic_sounds/small")
+    fp = Embedder.from_workdir(trained_run).fingerprint
+    assert os.path.exists(os.path.join(cache, f"encoder_{fp}",
+                                       f"synthetic_sounds_small-{data_fp}", "test.npz"))
     assert os.path.exists(os.path.join(trained_run, "eval", "results.md"))
+
+
+def test_eval_cache_follows_the_weights_not_the_step(synthetic_small, tmp_path):
+    """Retraining a workdir to the same step must not report the old run's features."""
+    import shutil
+
+    from tests.test_training import micro_config
+    workdir = str(tmp_path / "run")
+
+    def train_and_eval(seed, *flags):
+        cfg = micro_config(synthetic_small[0], "msm_mae", "random", total_steps=4)
+        cfg.seed = seed
+        trainer.train(cfg, workdir, progress=False)
+        res = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}",
+                              "--tasks=synthetic_sounds/small",
+                              f"--data_dir={synthetic_small[0]}", *flags],
+                             capture_output=True, text=True, cwd=REPO)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.load(open(os.path.join(workdir, "eval", "results.json")))["tasks"][0]
+
+    train_and_eval(0)
+    shutil.rmtree(os.path.join(workdir, "checkpoints"))
+    cached = train_and_eval(1)                       # same step 4, other weights
+    fresh = train_and_eval(1, "--no_cache")
+    assert cached["encoder"] == fresh["encoder"]
+    keys = sorted(os.listdir(os.path.join(workdir, "eval", "cache")))
+    assert sum(k.startswith("encoder_") for k in keys) == 2, keys
 
 
 def test_eval_errors_are_clear(synthetic_small, trained_run, tmp_path):
