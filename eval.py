@@ -46,6 +46,10 @@ def main(argv):
     from dwm_jax.embedding import Embedder
 
     workdir = _WORKDIR.value
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # and create nothing there
+        print(f"eval.py: no checkpoint under {os.path.join(workdir, 'checkpoints')}",
+              file=sys.stderr)
+        return 2
     ckpt = checkpointing.Checkpointer(workdir, async_save=False)
     step = _STEP.value if _STEP.value is not None else ckpt.latest_step()
     if step is None or step not in ckpt.manager.all_steps():

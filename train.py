@@ -48,6 +48,8 @@ def main(argv):
         jax.distributed.initialize()
     from dwm_jax import trainer
 
+    from dwm_jax import checkpointing, validation
+
     cfg = _CONFIG.value
     workdir = _WORKDIR.value
     try:
@@ -55,6 +57,10 @@ def main(argv):
     except trainer.NonFiniteError as e:
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return 3
+    except (validation.ConfigError, checkpointing.CheckpointMismatchError,
+            FileNotFoundError) as e:  # the user's to fix: one line, no traceback
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
     print(f"checkpoints: {summary['checkpoint_dir']} (step {summary['final_step']})")
     print(f"logs: {os.path.join(workdir, 'metrics.jsonl')}, "
           f"{os.path.join(workdir, 'tensorboard')}")
@@ -73,5 +79,22 @@ def main(argv):
     return 0
 
 
+def parse_flags(argv):
+    """absl's parsing, with a one-line error (exit 2) for ``--config.<field>`` overrides
+    that name no field or cannot be parsed, and for a config file that fails to load."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # a config file's own exception arrives with its traceback
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        message = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+        print(f"train.py: error: {message}", file=sys.stderr)
+    except (AttributeError, KeyError) as e:
+        name = str(e).strip("\"'")
+        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+               and a.split("=")[0].split(".")[-1] == name] or [f"--config...{name}"]
+        print(f"train.py: error: {bad[0]}: the config has no field {name!r}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

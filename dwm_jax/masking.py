@@ -428,6 +428,11 @@ def _make_block(spec_args, min_patches=16, tries=10, max_rounds=None):
                for w in range(1, grid[1] + 1)):
         raise ValueError(f"block: no block of at least min_patches={min_patches} patches with "
                          f"aspect in [0.3, 3.33] fits the {grid[0]} x {grid[1]} patch grid")
+    if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
+        raise ValueError(f"block: tries must be an integer >= 1; got {tries!r}")
+    if max_rounds is not None and (isinstance(max_rounds, bool) or
+                                   not isinstance(max_rounds, int) or max_rounds < 1):
+        raise ValueError(f"block: max_rounds must be an integer >= 1; got {max_rounds!r}")
     rounds = int(max_rounds) if max_rounds is not None else 2 * num_masked
 
     def visible(spec, key, x, features):
@@ -538,6 +543,9 @@ def _make_dispersion(spec_args, metric="mad", deterministic=False, granularity="
     if granularity not in ("patch", "frequency"):
         raise ValueError(f"dispersion: granularity must be 'patch' or 'frequency'; got "
                          f"{granularity!r}")
+    if not isinstance(deterministic, (bool, np.bool_)):  # bool("no") would be True
+        raise ValueError(f"dispersion: deterministic must be True or False; got "
+                         f"{deterministic!r}")
     deterministic = bool(deterministic)
 
     def visible(spec, key, x, features):

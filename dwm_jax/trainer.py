@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dwm_jax import checkpointing, masking, objectives, sharding
+from dwm_jax import checkpointing, masking, objectives, sharding, validation
 from dwm_jax import data as data_lib
 
 log = logging.getLogger(__name__)
@@ -227,13 +227,17 @@ def _open_data(cfg):
 
 
 class _Writers:
-    """metrics.jsonl and TensorBoard events (process 0 only)."""
+    """metrics.jsonl and TensorBoard events (process 0 only). On resume from ``start``, rows
+    of later steps (logged by a run killed after its last checkpoint) are dropped first, so
+    each step appears once."""
 
-    def __init__(self, workdir: str, enabled: bool):
+    def __init__(self, workdir: str, enabled: bool, start: int = 0):
         self.enabled = enabled
         if enabled:
             from tensorboardX import SummaryWriter
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+            _truncate_metrics(path, start)
+            self.jsonl = open(path, "a")
             self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: dict):
@@ -249,6 +253,28 @@ class _Writers:
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+
+
+def _truncate_metrics(path: str, last_step: int):
+    """Keeps the rows of ``path`` up to ``last_step`` (atomically; a torn last line goes)."""
+    if not os.path.exists(path):
+        return
+    kept, dropped = [], False
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                dropped = True
+                continue
+            if row.get("step", 0) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped = True
+    if dropped:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 class _Preemption:
@@ -281,19 +307,27 @@ def config_json(cfg) -> dict:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
-    """Runs (or resumes) pretraining in ``workdir``; returns a summary dict."""
-    os.makedirs(workdir, exist_ok=True)
+    """Runs (or resumes) pretraining in ``workdir``; returns a summary dict.
+
+    Raises ConfigError (naming the field) before anything is compiled or written when the
+    config cannot work."""
+    validation.check_config(cfg)
     is_main = jax.process_index() == 0
 
     # --- mesh and input
-    mesh = sharding.make_mesh(cfg.num_devices or None)
-    local_batch = sharding.check_batch(cfg.batch_size, mesh)
+    try:
+        mesh = sharding.make_mesh(cfg.num_devices or None)
+        local_batch = sharding.check_batch(cfg.batch_size, mesh)
+    except ValueError as e:
+        raise validation.ConfigError(f"config.batch_size / num_devices: {e}") from None
     split = _open_data(cfg)
     stats = split.norm_stats()
     steps_per_epoch = len(split) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"config.batch_size {cfg.batch_size} is larger than the "
-                         f"{len(split)} clips of {cfg.data.name}:{cfg.data.split}")
+        raise validation.ConfigError(
+            f"config.batch_size {cfg.batch_size} is larger than the {len(split)} clips of "
+            f"{cfg.data.name}:{cfg.data.split}")
+    os.makedirs(workdir, exist_ok=True)
     total_steps = cfg.total_steps or cfg.epochs * steps_per_epoch
     loader = data_lib.train_loader(split, batch_size=local_batch,
                                    frames=cfg.model.input_shape[1], stats=stats, seed=cfg.seed,
@@ -328,7 +362,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 json.dump(meta["config"], f, indent=1)
 
-    writers = _Writers(workdir, is_main)
+    writers = _Writers(workdir, is_main, start)
     preempt = _Preemption()
     bar = None
     if progress and is_main:

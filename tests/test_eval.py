@@ -147,8 +147,9 @@ def test_eval_errors_are_clear(synthetic_small, trained_run, tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "eval.py", *args], capture_output=True,
                               text=True, cwd=REPO)
-    res = run(f"--workdir={tmp_path}")
+    res = run(f"--workdir={tmp_path / 'missing'}")
     assert res.returncode == 2 and "no checkpoint" in res.stderr
+    assert not (tmp_path / "missing").exists()  # nothing created where nothing was
     res = run(f"--workdir={trained_run}", "--tasks=nothing_here",
               f"--data_dir={synthetic_small[0]}")
     assert res.returncode == 2 and "not built" in res.stderr

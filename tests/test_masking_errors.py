@@ -27,6 +27,10 @@ from dwm_jax import masking
      "no block of at least"),
     (dict(name="time_freq", mask_ratio=0.7, time_ratio=1.0), "time_ratio"),
     (dict(name="sgim", mask_ratio=0.7, pca_iters=0), "pca_iters"),
+    (dict(name="dispersion", mask_ratio=0.7, deterministic="no"), "deterministic must be"),
+    (dict(name="block", mask_ratio=0.7, tries=0), "tries must be"),
+    (dict(name="block", mask_ratio=0.7, max_rounds=0), "max_rounds must be"),
+    (dict(name="block", mask_ratio=0.7, max_rounds=-3), "max_rounds must be"),
 ])
 def test_bad_construction_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):

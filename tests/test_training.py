@@ -46,7 +46,7 @@ def _params(workdir):
 
 def _metrics(workdir):
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    return {r["step"]: r for r in rows}  # later lines win: a resumed run rewrites steps
+    return {r["step"]: r for r in rows}
 
 
 def test_overfit_a_handful_of_clips(synthetic_small):
@@ -162,8 +162,12 @@ def test_sigkill_then_resume_is_exact_and_sigterm_saves(synthetic_small, tmp_pat
     resumed_from = ckpt.latest_step()
     ckpt.close()
     assert resumed_from in (4, 8)  # the async save of step 8 may still be in flight
+    logged = [json.loads(line)["step"] for line in open(killed / "metrics.jsonl")]
+    assert max(logged) > resumed_from  # the killed run logged steps past its checkpoint
     summary = trainer.train(micro_config(synthetic_small[0]), str(killed), progress=False)
     assert summary["start_step"] == resumed_from and summary["final_step"] == 12
+    logged = [json.loads(line)["step"] for line in open(killed / "metrics.jsonl")]
+    assert logged == list(range(1, 13))  # each step once, in order, after the resume
 
     want, got = _params(ref), _params(killed)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):

@@ -1,0 +1,87 @@
+"""Config validation: every impossible value is refused at start, naming the field, before
+anything is compiled or written; train.py turns it into one line and exit code 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import demo, m2d, maskers, msm_mae
+from dwm_jax import validation
+from tests.test_training import micro_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("module", [demo, m2d, msm_mae])
+def test_every_shipped_config_is_valid(module):
+    for variant in maskers.VARIANTS:
+        validation.check_config(module.get_config(variant))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("optim.base_lr", -1e-3, r"config.optim.base_lr must be > 0"),
+    ("total_steps", -5, r"config.total_steps must be >= 0"),
+    ("ckpt_every", 0, r"config.ckpt_every must be >= 1"),
+    ("log_every", 0, r"config.log_every must be >= 1"),
+    ("batch_size", 0, r"config.batch_size must be >= 1"),
+    ("keep_ckpts", 0, r"config.keep_ckpts must be >= 1"),
+    ("epochs", 0, r"config.epochs must be >= 1"),
+    ("model.size", "huge", r"config.model.size must be one of"),
+    ("model.compute_dtype", "fp8", r"config.model.compute_dtype must be one of"),
+    ("objective.name", "mae", r"config.objective.name must be one of"),
+    ("objective.ema_start", 1.0, r"config.objective.ema_start must be < 1.0"),
+    ("objective.target_mode", "copy", r"config.objective.target_mode"),
+    ("masking.mask_ratio", 1.0, r"config.masking.mask_ratio must be < 1.0"),
+    ("masking.name", "nope", r"config.masking.name must be one of"),
+    ("masking.hint.mode", "linear", r"config.masking.hint.mode"),
+    ("optim.b2", 1.5, r"config.optim.b2 must be < 1.0"),
+    ("optim.clip", 0.0, r"config.optim.clip must be > 0"),
+    ("optim.weight_decay", float("nan"), r"config.optim.weight_decay must be a finite"),
+    ("data.worker_count", -1, r"config.data.worker_count must be >= 0"),
+    ("model.input_shape", (80, 100), r"not a whole number of 16 x 16 patches"),
+    ("model.decoder", dict(dim=30, depth=1, heads=4), r"decoder.dim 30 must divide"),
+    ("model.decoder", dict(dim=32, depth=0, heads=2), r"decoder.depth must be an integer"),
+    ("masking.options", dict(deterministic="no"), r"deterministic must be True or False"),
+    ("masking.options", dict(temperature=2.0), r"config.masking: bad option"),
+])
+def test_bad_values_name_the_field(field, value, match):
+    cfg = micro_config("data")
+    node = cfg
+    *path, last = field.split(".")
+    for p in path:
+        node = node[p]
+    with node.ignore_type():
+        node[last] = value
+    with pytest.raises(validation.ConfigError, match=match):
+        validation.check_config(cfg)
+
+
+def test_unknown_and_missing_fields_are_named():
+    cfg = micro_config("data")
+    cfg.unlock()
+    cfg.optim.lr = 1e-3                              # a typo for base_lr in a config file
+    with pytest.raises(validation.ConfigError, match=r"unknown field\(s\) config.optim.lr"):
+        validation.check_config(cfg)
+    cfg = micro_config("data")
+    del cfg.optim["clip"]
+    with pytest.raises(validation.ConfigError, match=r"lacks field\(s\) config.optim.clip"):
+        validation.check_config(cfg)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("--config.optim.base_lr=-0.001", "config.optim.base_lr must be > 0"),
+    ("--config.foo=1", "--config.foo: the config has no field 'foo'"),
+    ("--config.batch_size=abc", "--config.batch_size=abc"),
+])
+def test_train_cli_refuses_in_one_line_and_writes_nothing(tmp_path, override, match):
+    workdir = tmp_path / "w"
+    res = subprocess.run([sys.executable, "train.py", "--config=configs/demo.py",
+                          f"--workdir={workdir}", override],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error:"), res.stderr[-2000:]
+    assert match in lines[0]
+    assert not workdir.exists()
