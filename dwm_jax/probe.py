@@ -183,7 +183,7 @@ def evaluate_task(spec: str, data_dir: str, featurisers: dict, *, cache_dir: str
         raise ProbeError(f"task {spec!r}: all clips have one class; a probe needs two or more")
     num_classes = some_split.num_classes
     # the cache path names the data too: a rebuilt dataset never reuses old features
-    slug = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{dataset_fingerprint(data_dir, dataset)}"
+    slug = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{data_lib.dataset_fingerprint(data_dir, dataset)}"
     out = dict(task=name, dataset=dataset, num_classes=num_classes)
     kw = probe_kw or {}
     for fname, (featurise, cache_key) in featurisers.items():
@@ -218,17 +218,6 @@ def evaluate_task(spec: str, data_dir: str, featurisers: dict, *, cache_dir: str
                                "train (10% held out for early stopping) / test")
     out["chance"] = 1.0 / num_classes
     return out
-
-
-def dataset_fingerprint(data_dir: str, dataset: str) -> str:
-    """A hash of a built dataset's descriptions (TFDS info with shard sizes, our metadata
-    with per-split statistics): changes whenever the dataset is rebuilt with other data."""
-    path = data_lib.dataset_dir(data_dir, dataset)
-    h = hashlib.sha256()
-    for name in ("dataset_info.json", "metadata.json"):
-        with open(os.path.join(path, name), "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()[:12]
 
 
 def probe_workdir(workdir: str, data_dir: str, name: str) -> dict:

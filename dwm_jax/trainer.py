@@ -226,6 +226,58 @@ def _open_data(cfg):
     return split
 
 
+# Config fields a resumed run may change: how the run is observed, saved and placed, not what
+# it computes. Any other difference from the checkpoint's config is refused.
+RESUMABLE_FIELDS = ("log_every", "log_data_fingerprint", "ckpt_every", "keep_ckpts",
+                    "num_devices", "fsdp", "data.data_dir", "data.worker_count",
+                    "data.build_if_missing", "probe.")
+
+
+def _flat(tree, prefix="") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume(stored: dict, meta: dict, where: str) -> list[tuple[str, Any, Any]]:
+    """Compares a checkpoint's meta with this run's before resuming. Raises
+    CheckpointMismatchError naming every field whose change would make the resumed run
+    another run (masker, ratio, batch, schedule, model, objective, dataset); returns the
+    accepted changes of RESUMABLE_FIELDS as (field, checkpoint value, this run's value)."""
+    old, new = _flat(stored.get("config", {})), _flat(meta["config"])
+    diffs = [(k, old.get(k, "absent"), new.get(k, "absent"))
+             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    refused = [d for d in diffs if not d[0].startswith(RESUMABLE_FIELDS)]
+    was, now = stored.get("dataset", {}), meta["dataset"]
+    if "fingerprint" in was and was["fingerprint"] != now["fingerprint"]:
+        refused.append(("data (the built dataset)", f"{was['name']} build {was['fingerprint']}",
+                        f"{now['name']} build {now['fingerprint']}"))
+    if refused:
+        listed = "; ".join(f"config.{k}: checkpoint {a!r}, this run {b!r}"
+                           for k, a, b in refused[:4])
+        more = f" (and {len(refused) - 4} more)" if len(refused) > 4 else ""
+        raise checkpointing.CheckpointMismatchError(
+            f"{where} was written by another run: {listed}{more}. Resuming would silently "
+            "change the run; use another workdir, or the checkpoint's values.")
+    return [d for d in diffs if d[0].startswith(RESUMABLE_FIELDS)]
+
+
+def record_changes(workdir: str, step: int, changes, config: dict):
+    """Notes accepted config changes in ``config_changes.jsonl`` and makes config.json the
+    config now in force."""
+    with open(os.path.join(workdir, "config_changes.jsonl"), "a") as f:
+        for field, old, new in changes:
+            f.write(json.dumps(dict(step=step, field=field, checkpoint=old, now=new)) + "\n")
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    log.warning("resumed at step %d with changed %s (recorded in config_changes.jsonl)", step,
+                ", ".join(c[0] for c in changes))
+
+
 class _Writers:
     """metrics.jsonl and TensorBoard events (process 0 only). On resume from ``start``, rows
     of later steps (logged by a run killed after its last checkpoint) are dropped first, so
@@ -346,11 +398,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     ckpt = checkpointing.Checkpointer(workdir, keep=cfg.keep_ckpts)
     meta = dict(config=config_json(cfg), norm_stats=dataclasses.asdict(stats),
                 signature=checkpointing.tree_signature(abstract),
-                dataset=dict(name=cfg.data.name, split=cfg.data.split, clips=len(split)),
+                dataset=dict(name=cfg.data.name, split=cfg.data.split, clips=len(split),
+                             fingerprint=data_lib.dataset_fingerprint(cfg.data.data_dir,
+                                                                      cfg.data.name)),
                 steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     start = ckpt.latest_step()
     if start is not None:
-        ckpt.check_compatible(start, meta)
+        changes = check_resume(ckpt.read_meta(start), meta,
+                               os.path.join(ckpt.directory, str(start)))
+        ckpt.check_compatible(start, meta, keys=())  # and the state's shapes
+        if changes and is_main:
+            record_changes(workdir, start, changes, meta["config"])
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract, shardings)
         state, _ = ckpt.restore(start, target, data_iter)

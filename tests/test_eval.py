@@ -109,7 +109,7 @@ def test_eval_cli_writes_results_with_both_baselines(synthetic_small, trained_ru
     for name in ("encoder", "random_init", "raw_logmel"):
         assert 0.0 <= task[name]["test_accuracy"] <= 1.0
     cache = os.path.join(trained_run, "eval", "cache")
-    data_fp = probe.dataset_fingerprint(synthetic_small[0], "synthetic_sounds/small")
+    data_fp = data.dataset_fingerprint(synthetic_small[0], "synthetic_sounds/small")
     fp = Embedder.from_workdir(trained_run).fingerprint
     assert os.path.exists(os.path.join(cache, f"encoder_{fp}",
                                        f"synthetic_sounds_small-{data_fp}", "test.npz"))

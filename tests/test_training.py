@@ -252,3 +252,55 @@ def test_train_cli_end_to_end_with_probe(synthetic_small, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert {"loss", "lr", "grad_norm", "examples_per_s", "mask_ms"} <= set(rows[0])
     assert os.listdir(workdir / "tensorboard")
+
+
+def _tiny_folder_dataset(root, data_dir, seed):
+    """8 one-second noise clips as audio_folder/tiny under data_dir (content set by seed)."""
+    import soundfile
+
+    from dwm_jax import data
+    clips = root / f"clips{seed}"
+    clips.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(8):
+        soundfile.write(str(clips / f"{i}.wav"),
+                        (0.1 * rng.standard_normal(16000)).astype(np.float32), 16000)
+    data.build("audio_folder", data_dir, config=data.audio_folder_config(
+        "tiny", audio_dir=str(clips)))
+
+
+def test_resume_refuses_another_run_and_records_accepted_changes(synthetic_small, tmp_path):
+    """A resumed run with another masker, ratio, batch or dataset would silently become
+    another run: refused, naming the field. Logging and checkpoint cadence may change: the
+    change is recorded and config.json follows it."""
+    workdir = str(tmp_path / "w")
+    trainer.train(micro_config(synthetic_small[0], total_steps=4), workdir, progress=False)
+    for overrides, field in [({"masking.name": "random", "masking.hint.mode": "none",
+                               "masking.options": {}}, "config.masking.name"),
+                             ({"masking.mask_ratio": 0.6}, "config.masking.mask_ratio"),
+                             ({"batch_size": 4}, "config.batch_size"),
+                             ({"total_steps": 8}, "config.total_steps")]:
+        with pytest.raises(checkpointing.CheckpointMismatchError, match=field):
+            trainer.train(micro_config(synthetic_small[0], **{"total_steps": 4, **overrides}),
+                          workdir, progress=False)
+    summary = trainer.train(micro_config(synthetic_small[0], total_steps=4, log_every=2,
+                                         ckpt_every=2), workdir, progress=False)
+    assert summary["start_step"] == 4
+    changes = [json.loads(line) for line in open(os.path.join(workdir,
+                                                              "config_changes.jsonl"))]
+    assert {(c["field"], c["checkpoint"], c["now"]) for c in changes} == {
+        ("log_every", 1, 2), ("ckpt_every", 4, 2)}
+    assert json.load(open(os.path.join(workdir, "config.json")))["log_every"] == 2
+
+    # the same name and clip count, other audio: refused; the same build moved: accepted
+    one, two = str(tmp_path / "d1"), str(tmp_path / "d2")
+    _tiny_folder_dataset(tmp_path, one, seed=1)
+    _tiny_folder_dataset(tmp_path, two, seed=2)
+    run = str(tmp_path / "r")
+    kw = {"data.name": "audio_folder/tiny", "total_steps": 2}
+    trainer.train(micro_config(one, **kw), run, progress=False)
+    with pytest.raises(checkpointing.CheckpointMismatchError, match="the built dataset"):
+        trainer.train(micro_config(two, **kw), run, progress=False)
+    moved = str(tmp_path / "moved")
+    os.rename(one, moved)                            # the same build in another place
+    assert trainer.train(micro_config(moved, **kw), run, progress=False)["start_step"] == 2

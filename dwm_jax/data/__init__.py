@@ -9,9 +9,11 @@ log-mel spectrograms, and Grain loaders that read them without TensorFlow.
 
 from dwm_jax.data.builders import (AudioFolderConfig, BuildError, SyntheticSoundsConfig,
                                    audio_folder_config, build)
-from dwm_jax.data.pipeline import (DatasetSplit, NormStats, dataset_dir, eval_loader, open_split,
+from dwm_jax.data.pipeline import (DatasetSplit, NormStats, dataset_dir,
+                                   dataset_fingerprint, eval_loader, open_split,
                                    train_loader, whole_clips)
 
 __all__ = ["build", "AudioFolderConfig", "BuildError", "SyntheticSoundsConfig",
-           "audio_folder_config", "DatasetSplit", "NormStats", "dataset_dir", "eval_loader", "open_split",
+           "audio_folder_config", "DatasetSplit", "NormStats", "dataset_dir", "dataset_fingerprint",
+           "eval_loader", "open_split",
            "train_loader", "whole_clips"]

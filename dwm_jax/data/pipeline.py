@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 from typing import Iterator, Sequence
@@ -101,6 +102,18 @@ def dataset_dir(data_dir: str, name: str) -> str:
             f"dataset {name!r} is not built under {data_dir!r}; build it with "
             f"`python -m dwm_jax.data {name.split('/')[0]} --data_dir {data_dir} ...`")
     return found
+
+
+def dataset_fingerprint(data_dir: str, name: str) -> str:
+    """A hash of a built dataset's descriptions (TFDS info with shard sizes, our metadata
+    with per-split statistics): it changes whenever the dataset is rebuilt with other data,
+    so caches and resumed runs can tell two builds apart."""
+    path = dataset_dir(data_dir, name)
+    h = hashlib.sha256()
+    for file in ("dataset_info.json", "metadata.json"):
+        with open(os.path.join(path, file), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:12]
 
 
 def open_split(data_dir: str, name: str, split: str) -> DatasetSplit:
