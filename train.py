@@ -58,6 +58,7 @@ def main(argv):
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return 3
     except (validation.ConfigError, checkpointing.CheckpointMismatchError,
+            checkpointing.CheckpointDamagedError, checkpointing.CheckpointSaveError,
             FileNotFoundError) as e:  # the user's to fix: one line, no traceback
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2

@@ -3,23 +3,76 @@ a JSON description of the run, under ``WORKDIR/checkpoints/<step>/``.
 
 Items per checkpoint: ``state`` (a pytree of arrays: parameters, optimizer and EMA state, step,
 RNG), ``data`` (the Grain iterator state, so a resumed run reads the same batches) and
-``meta`` (the config, normalisation statistics and the parameter shapes). Restoring checks
-``meta`` first: a checkpoint of another model or config fails with a message that lists the
-differences instead of a shape error deep inside Orbax.
+``meta`` (the config, normalisation statistics, the parameter shapes and a fingerprint of
+the state). Restoring checks ``meta`` first: a checkpoint of another model or config fails
+with a message that lists the differences instead of a shape error deep inside Orbax. A
+restored state is checked against its fingerprint; :meth:`Checkpointer.restore_intact` moves
+a damaged checkpoint aside (``<step>.damaged``, nothing deleted) and falls back to the newest
+intact one. A failed save (a full disk) raises :class:`CheckpointSaveError` at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint was written by another model or incompatible config."""
+
+
+class CheckpointDamagedError(ValueError):
+    """A checkpoint's files are missing, unreadable or do not match its fingerprint."""
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (e.g. no space left); earlier checkpoints are intact."""
+
+
+def _as_uint32(x):
+    size = np.dtype(x.dtype).itemsize
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if size == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    if size == 1:
+        return x.astype(jnp.uint8).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8 bytes -> [..., 2]
+
+
+@jax.jit
+def _leaf_checksums(leaves):
+    """One uint32 per array: the sum of its bit patterns times odd position weights, mod
+    2**32, so changing any single value changes it. Runs on the (sharded) arrays."""
+    out = []
+    for x in leaves:
+        bits = _as_uint32(x).ravel()
+        weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) | 1
+        out.append(jnp.sum(bits * weights, dtype=jnp.uint32))
+    return out
+
+
+def state_fingerprint(state) -> dict[str, int]:
+    """{'path/to/leaf': checksum} for every array of ``state`` (see :func:`tree_signature`
+    for the path names)."""
+    paths = list(tree_signature(state))
+    sums = jax.device_get(_leaf_checksums(jax.tree.leaves(state)))
+    return {p: int(v) for p, v in zip(paths, sums)}
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost error's message, e.g. the OSError under Orbax's wrappers."""
+    seen = e
+    while seen.__cause__ is not None or seen.__context__ is not None:
+        seen = seen.__cause__ or seen.__context__
+    text = str(seen).strip().splitlines()
+    return f"{type(seen).__name__}: {text[-1] if text else ''}"
 
 
 def tree_signature(tree) -> dict[str, list]:
@@ -55,15 +108,41 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iterator, meta: dict) -> bool:
-        """Starts an asynchronous save of step ``step``; returns whether it saved."""
+        """Starts an asynchronous save of step ``step`` (with the state's fingerprint in its
+        meta); returns whether it saved. Raises CheckpointSaveError when this or an earlier
+        asynchronous save failed."""
+        meta = dict(meta, fingerprint=state_fingerprint(state))
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        with self._save_errors(step):
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    @contextlib.contextmanager
+    def _save_errors(self, step=None):
+        """Turns any failure of a save (Orbax wraps the OSError) into CheckpointSaveError."""
+        try:
+            yield
+        except CheckpointSaveError:
+            raise
+        except Exception as e:
+            where = f"step {step} " if step is not None else ""
+            raise CheckpointSaveError(
+                f"saving checkpoint {where}under {self.directory} failed ({_root_cause(e)}); "
+                "the checkpoints before it are intact") from e
+
+    def check(self):
+        """Raises CheckpointSaveError if an asynchronous save has failed (cheap)."""
+        with self._save_errors():
+            self.manager.check_for_errors()
 
     def read_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:
+            raise CheckpointDamagedError(f"{os.path.join(self.directory, str(step))}: its "
+                                         f"description cannot be read ({_root_cause(e)})") from e
 
     def check_compatible(self, step: int, meta: dict, keys=("model", "objective")):
         """Raises CheckpointMismatchError unless the stored meta agrees on ``keys`` and on
@@ -84,17 +163,54 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state, data_iterator=None):
         """-> (state, meta). ``abstract_state``: ShapeDtypeStructs with the target shardings.
-        The data iterator, if given, is restored in place."""
+        The data iterator, if given, is restored in place. Raises CheckpointDamagedError when
+        files are missing or unreadable, or the state differs from its fingerprint."""
+        where = os.path.join(self.directory, str(step))
         items = dict(state=ocp.args.StandardRestore(abstract_state),
                      meta=ocp.args.JsonRestore())
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # Orbax and TensorStore raise many kinds for broken files
+            raise CheckpointDamagedError(f"{where} cannot be read ({_root_cause(e)})") from e
+        wanted = out["meta"].get("fingerprint")
+        if wanted is not None:
+            got = state_fingerprint(out["state"])
+            bad = sorted(k for k in set(wanted) | set(got) if wanted.get(k) != got.get(k))
+            if bad:
+                raise CheckpointDamagedError(
+                    f"{where} is damaged: {len(bad)} array(s) differ from the fingerprint "
+                    f"saved with them ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
         return out["state"], out["meta"]
 
+    def restore_intact(self, abstract_state, data_iterator=None, *, check=None, warn=print):
+        """-> (step, state, meta) of the newest checkpoint that restores intact, or None when
+        there is none. ``check(step, meta)`` runs on each candidate's meta before its state
+        is read (a CheckpointMismatchError from it propagates: another run's checkpoints are
+        not damaged). Each damaged checkpoint is named through ``warn`` and moved aside to
+        ``<step>.damaged`` (kept for inspection; later saves can reuse its step)."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                if check is not None:
+                    check(step, self.read_meta(step))
+                state, meta = self.restore(step, abstract_state, data_iterator)
+                return step, state, meta
+            except CheckpointDamagedError as e:
+                if jax.process_index() == 0:
+                    os.replace(os.path.join(self.directory, str(step)),
+                               os.path.join(self.directory, f"{step}.damaged"))
+                warn(f"{e}; moved it to {step}.damaged and trying the previous checkpoint")
+                self.manager.reload()
+        return None
+
     def wait(self):
-        self.manager.wait_until_finished()
+        """Waits for the asynchronous save; CheckpointSaveError if it failed."""
+        with self._save_errors():
+            self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()

@@ -402,16 +402,24 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                              fingerprint=data_lib.dataset_fingerprint(cfg.data.data_dir,
                                                                       cfg.data.name)),
                 steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    start = ckpt.latest_step()
-    if start is not None:
-        changes = check_resume(ckpt.read_meta(start), meta,
-                               os.path.join(ckpt.directory, str(start)))
-        ckpt.check_compatible(start, meta, keys=())  # and the state's shapes
+    changes = []
+
+    def check(step, stored):  # before a checkpoint's state is read: is it this run's?
+        changes[:] = check_resume(stored, meta, os.path.join(ckpt.directory, str(step)))
+        ckpt.check_compatible(step, meta, keys=())  # and the state's shapes
+
+    had_checkpoints = ckpt.latest_step() is not None
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    found = ckpt.restore_intact(target, data_iter, check=check, warn=log.error)
+    if had_checkpoints and found is None:
+        raise checkpointing.CheckpointDamagedError(
+            f"no intact checkpoint under {ckpt.directory} (the damaged ones were moved to "
+            "<step>.damaged); use another workdir to start afresh")
+    if found is not None:
+        start, state, _ = found
         if changes and is_main:
             record_changes(workdir, start, changes, meta["config"])
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract, shardings)
-        state, _ = ckpt.restore(start, target, data_iter)
         log.info("resumed from step %d in %s", start, ckpt.directory)
     else:
         start = 0
@@ -443,6 +451,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                     f"non-finite training at step {step}: loss={m['loss']}, "
                     f"grad_norm={m['grad_norm']}. Nothing was saved from this step; the last "
                     f"good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.")
+            ckpt.check()  # a failed asynchronous save stops the run here, not later
             if step % cfg.ckpt_every == 0:
                 ckpt.save(step, state, data_iter, meta)
             if step % cfg.log_every == 0 or step == total_steps:

@@ -304,3 +304,78 @@ def test_resume_refuses_another_run_and_records_accepted_changes(synthetic_small
     moved = str(tmp_path / "moved")
     os.rename(one, moved)                            # the same build in another place
     assert trainer.train(micro_config(moved, **kw), run, progress=False)["start_step"] == 2
+
+
+def _damage_largest_state_file(step_dir):
+    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state"))
+             for f in fs if "/d/" in os.path.join(d, f) + "/"]
+    path = max(files, key=os.path.getsize)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        chunk = f.read(64)
+        f.seek(os.path.getsize(path) // 2)
+        f.write(bytes(b ^ 0x5A for b in chunk))
+    return path
+
+
+@pytest.mark.parametrize("damage", ["bytes", "missing_file", "silent_value_change"])
+def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(synthetic_small, tmp_path,
+                                                                   damage):
+    """Flipped bytes or a lost file in the latest checkpoint: the resume names it, moves it
+    aside and continues from the previous one, ending where an undisturbed run ends."""
+    import shutil
+    cfg = lambda: micro_config(synthetic_small[0], total_steps=8)  # noqa: E731
+    ref, hurt = tmp_path / "ref", tmp_path / "hurt"
+    trainer.train(cfg(), str(ref), progress=False)
+    shutil.copytree(ref, hurt)
+    step8 = hurt / "checkpoints" / "8"
+    if damage == "bytes":
+        _damage_largest_state_file(str(step8))
+    elif damage == "missing_file":
+        os.remove(os.path.join(step8, "meta", "metadata"))
+    else:  # values that read back fine but are not what was saved: only the fingerprint knows
+        path = os.path.join(step8, "meta", "metadata")
+        meta = json.load(open(path))
+        meta["fingerprint"]["opt_state/1/0/mu/encoder/cls_token"] ^= 1
+        json.dump(meta, open(path, "w"))
+    with open(hurt / "metrics.jsonl") as f:
+        assert len(f.readlines()) == 8
+    summary = trainer.train(cfg(), str(hurt), progress=False)
+    assert summary["start_step"] == 4 and summary["final_step"] == 8
+    assert os.path.isdir(hurt / "checkpoints" / "8.damaged")
+    for a, b in zip(jax.tree.leaves(_params(str(ref))), jax.tree.leaves(_params(str(hurt)))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_all_checkpoints_damaged_is_a_clear_error(synthetic_small, tmp_path):
+    cfg = micro_config(synthetic_small[0], total_steps=4)
+    trainer.train(cfg, str(tmp_path), progress=False)
+    _damage_largest_state_file(str(tmp_path / "checkpoints" / "4"))
+    with pytest.raises(checkpointing.CheckpointDamagedError, match="no intact checkpoint"):
+        trainer.train(cfg, str(tmp_path), progress=False)
+
+
+def test_full_disk_stops_the_run_at_the_failed_save(synthetic_small, tmp_path):
+    """A 3 MiB filesystem holds one micro checkpoint, not two: the run stops with one
+    CheckpointSaveError naming the failure, and the first checkpoint still restores."""
+    mnt = tmp_path / "small_disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({res.stderr.strip()})")
+    try:
+        workdir = str(mnt / "w")
+        cfg = micro_config(synthetic_small[0], total_steps=12)
+        with pytest.raises(checkpointing.CheckpointSaveError,
+                           match="No space left on device|failed") as info:
+            trainer.train(cfg, workdir, progress=False)
+        assert "checkpoints before it are intact" in str(info.value)
+        ckpt = checkpointing.Checkpointer(workdir)
+        assert ckpt.latest_step() == 4
+        ckpt.close()
+        trainer.load_encoder(workdir)  # restores, fingerprint checked
+        metrics = _metrics(workdir)
+        assert max(metrics) < 12  # it stopped, it did not train on to the end
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
