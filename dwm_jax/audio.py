@@ -38,6 +38,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
         raise AudioLoadError(f"{path}: cannot read audio ({type(e).__name__}: {e})") from e
     if data.shape[0] == 0:
         raise AudioLoadError(f"{path}: the file holds no audio samples")
+    _check_wav_length(path)
     wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if not np.all(np.isfinite(wave)):
         raise AudioLoadError(f"{path}: the audio holds NaN or infinite samples")
@@ -45,6 +46,28 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
         wave = librosa.resample(wave, orig_sr=file_rate, target_sr=sample_rate,
                                 res_type="soxr_hq")
     return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def _check_wav_length(path: str):
+    """A WAV whose data chunk is shorter than its header says was cut off (an interrupted
+    copy or download); libsndfile reads what is there without a word, so look ourselves."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return  # not a plain RIFF WAV (RF64, other formats): nothing to compare
+        size = os.path.getsize(path)
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return
+            declared = int.from_bytes(chunk[4:], "little")
+            if chunk[:4] == b"data":
+                held = size - f.tell()
+                if held < declared:
+                    raise AudioLoadError(f"{path}: truncated WAV: its header promises "
+                                         f"{declared} bytes of audio, the file holds {held}")
+                return
+            f.seek(declared + (declared & 1), os.SEEK_CUR)
 
 
 def log_mel(wave: np.ndarray, sample_rate: int = 16000, *, n_fft: int = 400,

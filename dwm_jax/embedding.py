@@ -108,6 +108,9 @@ class Embedder:
         length = log_mel.shape[1]
         if length == 0:
             raise ValueError("the log-mel has no frames")
+        if not np.all(np.isfinite(log_mel)):
+            raise ValueError(f"the log-mel holds {np.sum(~np.isfinite(log_mel))} NaN or "
+                             "infinite value(s)")
         x = (log_mel - self.stats.mean) / self.stats.std
         x = np.pad(x, ((0, 0), (0, -length % self.patch_w)))   # zeros: the normalised mean
         full, rest = divmod(x.shape[1], self.frames)
@@ -128,8 +131,25 @@ class Embedder:
         return self.time_features(log_mel).mean(axis=0)
 
     def from_waveform(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
-        """Mono waveform at any rate -> clip embedding (resampled to the front end's rate)."""
-        wave = np.asarray(wave, np.float32)
+        """Mono waveform [samples] at any rate -> clip embedding (resampled to the front end's
+        rate). Floats are taken as they are (full scale +-1); integer PCM (int16, int32,
+        uint8) is scaled to +-1 as audio files are read."""
+        wave = np.asarray(wave)
+        if wave.ndim != 1:
+            raise ValueError(f"from_waveform expects a mono waveform [samples]; got shape "
+                             f"{wave.shape} (average the channels first)")
+        if wave.size == 0:
+            raise ValueError("the waveform has no samples")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) \
+                or sample_rate <= 0:
+            raise ValueError(f"sample_rate must be a positive integer (Hz); got {sample_rate!r}")
+        if wave.dtype.kind in "iu":
+            info = np.iinfo(wave.dtype)
+            middle = 0 if wave.dtype.kind == "i" else (info.max + 1) // 2
+            wave = (wave.astype(np.float64) - middle) / (info.max + 1 - middle)
+        wave = wave.astype(np.float32)
+        if not np.all(np.isfinite(wave)):
+            raise ValueError("the waveform holds NaN or infinite samples")
         if sample_rate != self.frontend.sample_rate:
             import librosa
             wave = librosa.resample(wave, orig_sr=sample_rate,

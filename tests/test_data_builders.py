@@ -267,3 +267,91 @@ def test_synthetic_classes_are_distinct_but_not_trivially_separable(synthetic_sm
         b -= 0.1 * p.mean(0)
     acc = ((xte @ w + b).argmax(1) == yte).mean()
     assert 2 / 12 < acc < 0.9, acc
+
+
+# ---- bad CSVs, bad files and interrupted builds: an error names the row or file, and
+# ---- nothing that existed is lost
+
+def _csv_build(folder, tmp_path, text, name="x", **kw):
+    (tmp_path / f"{name}.csv").write_text(text, encoding="utf-8")
+    return _build(tmp_path, name, audio_dir=str(folder / "clips"),
+                  csv_path=str(tmp_path / f"{name}.csv"), **kw)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("filename,label,split\na.wav,dog,train\ne.wav,bird,test\na.wav,cat,test\n",
+     r"x\.csv:4: a\.wav is listed twice, here and at .*x\.csv:2 \(splits 'train' and 'test'"),
+    ("filename,label,split\na.wav,dog,train\na.wav,dog,train\n", r"x\.csv:3: a\.wav is listed"),
+    ("filename,label,split\na.wav,dog,train\ne.wav,bird,holdout\n",
+     r"x\.csv:3: split 'holdout' is not one"),
+    ("filename,split\na.wav,train\ne.wav,test\n", r"no column 'label' \(label_column\)"),
+    ("filename,label,split\na.wav,dog,train\ne.wav,bird\n",
+     r"x\.csv:3: the row has 2 field\(s\); the header has 3"),
+    ("filename,label,split\na.wav,dog,train,extra\n", r"x\.csv:2: the row has 4 field"),
+])
+def test_bad_csv_rows_are_named(folder, tmp_path, text, match):
+    with pytest.raises(data.BuildError, match=match):
+        _csv_build(folder, tmp_path, text)
+
+
+def test_split_aliases_and_a_byte_order_mark(folder, tmp_path):
+    text = "\ufefffilename,label,split\na.wav,dog,Training\nb.flac,cat,train\ne.wav,bird,Testing\n"
+    b = _csv_build(folder, tmp_path, text)
+    assert sorted(b.info.splits) == ["test", "train"]
+    assert b.info.splits["test"].num_examples == 1
+
+
+def test_every_bad_file_is_named_and_all_bad_is_an_error(folder, tmp_path):
+    clips = folder / "clips"
+    (clips / "bad2.wav").write_bytes(b"not audio at all")
+    text = ("filename,label,split\na.wav,dog,train\ncorrupt.wav,dog,train\nb.flac,cat,train\n"
+            "bad2.wav,cat,train\n")
+    with pytest.raises(data.BuildError, match=r"2 bad file\(s\).*corrupt\.wav.*bad2\.wav"):
+        _csv_build(folder, tmp_path, text)
+    only_bad = "filename,label,split\ncorrupt.wav,dog,train\nbad2.wav,cat,train\n"
+    with pytest.raises(data.BuildError, match=r"all 2 file\(s\) of split 'train' are bad"):
+        _csv_build(folder, tmp_path, only_bad, name="y", skip_bad_files=True)
+
+
+def test_truncated_wav_is_a_bad_file(folder, tmp_path):
+    body = (folder / "clips" / "a.wav").read_bytes()
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(body[: len(body) // 3])
+    with pytest.raises(audio.AudioLoadError, match=r"cut\.wav: truncated WAV: its header "
+                                                   r"promises \d+ bytes of audio, the file holds"):
+        audio.load_audio(str(cut))
+    audio.load_audio(str(folder / "clips" / "a.wav"))  # the whole file is fine
+
+
+def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(folder, tmp_path):
+    good = _build(tmp_path, "pets", audio_dir=str(folder / "clips"),
+                  csv_path=str(folder / "good.csv"))
+    before = {k: v.num_examples for k, v in good.info.splits.items()}
+    with pytest.raises(data.BuildError, match="corrupt.wav"):
+        data.build("audio_folder", str(tmp_path / "data"), overwrite=True,
+                   config=data.audio_folder_config("pets", audio_dir=str(folder / "clips"),
+                                                   csv_path=str(folder / "with_corrupt.csv")))
+    split = data.open_split(str(tmp_path / "data"), "audio_folder/pets", "train")
+    assert len(split) == before["train"]                          # the old one, intact
+    assert split.metadata["builder_config"]["csv"].endswith("good.csv")
+    config_dir = os.path.dirname(pipeline.dataset_dir(str(tmp_path / "data"),
+                                                      "audio_folder/pets"))
+    assert sorted(os.listdir(config_dir)) == [builders.AudioFolder.VERSION.__str__()]
+    # a successful overwrite replaces it
+    new = data.build("audio_folder", str(tmp_path / "data"), overwrite=True,
+                     config=data.audio_folder_config("pets", audio_dir=str(folder / "clips"),
+                                                     csv_path=str(folder / "good.csv"),
+                                                     dtype="float32"))
+    assert new.info.metadata["builder_config"]["dtype"] == "float32"
+
+
+def test_leftovers_of_a_killed_build_are_cleaned_up(folder, tmp_path):
+    good = _build(tmp_path, "pets", audio_dir=str(folder / "clips"),
+                  csv_path=str(folder / "good.csv"))
+    config_dir = os.path.dirname(good.data_dir)
+    os.makedirs(os.path.join(config_dir, "incomplete.ABC123_1.1.0"))
+    version = os.path.basename(good.data_dir)   # killed between the two renames of a rebuild
+    os.replace(good.data_dir, os.path.join(config_dir, ".old-" + version))
+    _build(tmp_path, "pets", audio_dir=str(folder / "clips"), csv_path=str(folder / "good.csv"))
+    assert os.listdir(config_dir) == [version]
+    assert len(data.open_split(str(tmp_path / "data"), "audio_folder/pets", "train")) == 3

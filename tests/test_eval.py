@@ -78,6 +78,27 @@ def test_embedding_shapes_windowing_and_determinism(embedder):
         embedder.time_features(np.zeros((64, 100)))
 
 
+def test_embedder_refuses_or_converts_odd_inputs(embedder):
+    t = np.arange(16000) / 16000
+    wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    pcm = np.round(wave * 32768).astype(np.int16)        # the same clip as int16 PCM
+    np.testing.assert_allclose(embedder.from_waveform(pcm, 16000),     # read as +-1 audio
+                               embedder.from_waveform(pcm / np.float32(32768), 16000),
+                               atol=1e-5)
+    np.testing.assert_allclose(embedder.from_waveform(pcm, 16000),
+                               embedder.from_waveform(wave, 16000), atol=5e-3)
+    with pytest.raises(ValueError, match="no samples"):
+        embedder.from_waveform(np.zeros(0, np.float32), 16000)
+    with pytest.raises(ValueError, match=r"mono waveform \[samples\]; got shape \(2, 16000\)"):
+        embedder.from_waveform(np.stack([wave, wave]), 44100)
+    with pytest.raises(ValueError, match="sample_rate must be a positive integer"):
+        embedder.from_waveform(wave, 0)
+    bad = embedder.frontend(wave)
+    bad[3, 5] = np.nan
+    with pytest.raises(ValueError, match=r"holds 1 NaN or infinite"):
+        embedder.clip_embedding(bad)
+
+
 def test_waveform_embedding_matches_the_log_mel_path(embedder):
     t = np.arange(22050 * 2) / 22050
     wave = (0.3 * np.sin(2 * np.pi * 500 * t)).astype(np.float32)

@@ -20,7 +20,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -233,6 +235,12 @@ def audio_folder_config(name: str, *, root: str = "", preset: str = "", audio_di
                              csv=os.path.abspath(csv_path) if csv_path else "", **fields)
 
 
+# CSV split names taken for the ones training and evaluation read
+SPLIT_ALIASES = {"training": "train", "validation": "valid", "val": "valid", "dev": "valid",
+                 "testing": "test", "eval": "test", "evaluation": "test"}
+_FOLD = re.compile(r"^fold\d+$")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Row:
     where: str        # "file.csv:12" or the path itself, for error messages
@@ -284,18 +292,27 @@ class AudioFolder(_LogMelBuilder):
             return [_Row(p, p, None, "train") for p in paths]
         if not os.path.isfile(cfg.csv):
             raise BuildError(f"audio_folder/{cfg.name}: CSV file {cfg.csv!r} does not exist")
-        with open(cfg.csv, newline="") as f:
+        with open(cfg.csv, newline="", encoding="utf-8-sig") as f:  # a BOM is not a name
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
             if cfg.filename_column not in columns:
                 raise BuildError(f"{cfg.csv}: no column {cfg.filename_column!r} "
                                  f"(filename_column); the header is {columns}")
-            has_label = bool(cfg.label_column) and cfg.label_column in columns
+            if cfg.label_column and cfg.label_column not in columns:
+                raise BuildError(f"{cfg.csv}: no column {cfg.label_column!r} (label_column); "
+                                 f"the header is {columns}. For an unlabelled dataset leave "
+                                 "out the CSV or set label_column=''")
+            has_label = bool(cfg.label_column)
             split_col = cfg.split_column if cfg.split_column in columns else ""
             fold_col = cfg.fold_column if (not split_col and cfg.fold_column in columns) else ""
-            rows = []
+            rows, first_seen = [], {}
             for line, rec in enumerate(reader, start=2):
                 where = f"{cfg.csv}:{line}"
+                if None in rec or None in rec.values():
+                    fields = len(columns) + len(rec.get(None) or []) - list(
+                        rec.values()).count(None)
+                    raise BuildError(f"{where}: the row has {fields} field(s); the header has "
+                                     f"{len(columns)} ({', '.join(columns)})")
                 try:
                     rel = cfg.path_template.format(**{
                         **rec, "filename": rec[cfg.filename_column]})
@@ -303,18 +320,29 @@ class AudioFolder(_LogMelBuilder):
                     raise BuildError(f"{where}: path_template {cfg.path_template!r} needs "
                                      f"column {e}") from None
                 if split_col:
-                    split = rec[split_col].strip().lower()
+                    given = rec[split_col].strip()
+                    split = SPLIT_ALIASES.get(given.lower(), given.lower())
                 elif fold_col:
-                    split = f"fold{rec[fold_col].strip()}"
+                    given = split = f"fold{rec[fold_col].strip()}"
                 else:
-                    split = "train"
-                if not _SPLIT_NAME.match(split):
-                    raise BuildError(f"{where}: split {split!r} is not a valid split name "
-                                     "(lower-case letters, digits, _)")
+                    given = split = "train"
+                if split not in ("train", "valid", "test") and not _FOLD.match(split):
+                    raise BuildError(
+                        f"{where}: split {given!r} is not one that training and evaluation "
+                        f"read: train, valid, test or foldN (also accepted: "
+                        f"{', '.join(sorted(SPLIT_ALIASES))})")
                 label = rec[cfg.label_column].strip() if has_label else None
                 if has_label and not label:
                     raise BuildError(f"{where}: empty label in column {cfg.label_column!r}")
-                rows.append(_Row(where, os.path.join(cfg.audio_dir, rel), label, split))
+                path = os.path.normpath(os.path.join(cfg.audio_dir, rel))
+                if path in first_seen:
+                    other = first_seen[path]
+                    leak = (f" (splits {other.split!r} and {split!r}: test clips would leak "
+                            "into training)" if other.split != split else "")
+                    raise BuildError(f"{where}: {rel} is listed twice, here and at "
+                                     f"{other.where}{leak}")
+                rows.append(_Row(where, path, label, split))
+                first_seen[path] = rows[-1]
         if not rows:
             raise BuildError(f"{cfg.csv}: the CSV lists no files")
         return rows
@@ -355,22 +383,69 @@ class AudioFolder(_LogMelBuilder):
                                                "not exist")
                 log_mel = self._store(cfg.frontend.from_file(row.path))
             except audio.AudioLoadError as e:
-                if not cfg.skip_bad_files:
-                    raise BuildError(f"audio_folder/{cfg.name}: {e} (skip_bad_files=True / "
-                                     "--skip_bad_files skips and reports such files)") from e
-                log.warning("skipping %s", e)
+                if cfg.skip_bad_files:
+                    log.warning("skipping %s", e)
                 skipped.append({"file": row.path, "reason": str(e)})
                 continue
+            if skipped and not cfg.skip_bad_files:
+                continue  # the build will fail: read on only to name every bad file
             stats.add(log_mel)
             rel = os.path.relpath(row.path, cfg.audio_dir)
             example = {"log_mel": log_mel, "filename": rel}
             if row.label is not None:
                 example["label"] = row.label
             yield rel, example
+        if skipped and not cfg.skip_bad_files:
+            listed = "; ".join(s["reason"] for s in skipped[:10])
+            raise BuildError(
+                f"audio_folder/{cfg.name}: {len(skipped)} bad file(s) in split {split!r}: "
+                f"{listed}{' ...' if len(skipped) > 10 else ''} (skip_bad_files=True / "
+                "--skip_bad_files skips and reports such files)")
+        if len(skipped) == len(rows):
+            raise BuildError(f"audio_folder/{cfg.name}: all {len(rows)} file(s) of split "
+                             f"{split!r} are bad, e.g. {skipped[0]['reason']}")
         self._finish_split(split, stats, skipped)
 
 
 # ------------------------------------------------------------------------------- building
+
+def _remove_unfinished(config_dir: str):
+    """Removes the ``incomplete.*`` folders a killed build of this dataset left behind (TFDS
+    writes there and renames when done; a second build of the same dataset at the same time
+    is not supported)."""
+    if not os.path.isdir(config_dir):
+        return
+    for name in sorted(os.listdir(config_dir)):
+        path = os.path.join(config_dir, name)
+        if name.startswith(".old-"):  # a rebuild stopped between its two renames
+            final = os.path.join(config_dir, name[len(".old-"):])
+            if os.path.exists(final):
+                shutil.rmtree(path)
+            else:
+                os.replace(path, final)
+                print(f"restored {final}, which an unfinished rebuild had moved aside",
+                      file=sys.stderr)
+        elif name.startswith(("incomplete.", ".rebuild-")):
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"removed {path}, left by an unfinished build", file=sys.stderr)
+
+
+def _rebuild_beside(cls, data_dir: str, config, final_dir: str):
+    """--overwrite without losing the old dataset: builds the new one in a staging folder
+    next to it and swaps the two only once the new one is complete. A failed or killed
+    rebuild leaves the old dataset as it was."""
+    staging = tempfile.mkdtemp(prefix=".rebuild-", dir=os.path.dirname(final_dir))
+    try:
+        new = cls(data_dir=staging, config=config, file_format="array_record")
+        new.download_and_prepare()
+        aside = os.path.join(os.path.dirname(final_dir), ".old-" + os.path.basename(final_dir))
+        os.replace(final_dir, aside)
+        os.replace(new.data_dir, final_dir)
+        shutil.rmtree(aside)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return cls(data_dir=data_dir, config=config, file_format="array_record")
+
 
 BUILDERS = {"synthetic_sounds": SyntheticSounds, "audio_folder": AudioFolder}
 
@@ -392,6 +467,7 @@ def build(builder: str, data_dir: str, *, config: str | tfds.core.BuilderConfig 
                              "(audio_folder needs a config made by audio_folder_config)")
         config = known[config]
     ds_builder = cls(data_dir=data_dir, config=config, file_format="array_record")
+    _remove_unfinished(os.path.dirname(ds_builder.data_dir))
     meta_path = os.path.join(ds_builder.data_dir, "metadata.json")
     if os.path.exists(meta_path) and not overwrite:
         with open(meta_path) as f:
@@ -401,10 +477,10 @@ def build(builder: str, data_dir: str, *, config: str | tfds.core.BuilderConfig 
             raise BuildError(
                 f"{ds_builder.data_dir} was built with other settings ({stored}); now asked "
                 f"for {wanted}. Use another name or overwrite=True / --overwrite.")
-    mode = (tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS if not overwrite
-            else tfds.download.GenerateMode.FORCE_REDOWNLOAD)
-    ds_builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(download_mode=mode))
+    if overwrite and os.path.exists(meta_path):
+        ds_builder = _rebuild_beside(cls, data_dir, config, ds_builder.data_dir)
+    else:
+        ds_builder.download_and_prepare()
     skipped = {k: v for k, v in ds_builder.info.metadata.get("skipped_files", {}).items() if v}
     for split, files in skipped.items():
         print(f"{builder}/{config.name}: skipped {len(files)} file(s) in split {split!r}:",
