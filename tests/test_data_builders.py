@@ -203,7 +203,13 @@ def test_cli_builds_a_folder_and_reports_errors(folder, tmp_path, capsys):
     rc = build_cli.main(["audio_folder", "--name", "cli", "--audio_dir", str(folder / "clips"),
                          "--csv", str(folder / "with_corrupt.csv"), "--data_dir",
                          str(tmp_path / "d")])
-    assert rc == 2 and "corrupt.wav" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "corrupt.wav" in err
+    assert err.strip().splitlines()[-1].startswith("python -m dwm_jax.data: error:")
+    rc = build_cli.main(["audio_folder", "--name", "cli", "--audio_dir", str(folder / "clips"),
+                         "--sample_rate", "0", "--data_dir", str(tmp_path / "d")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "sample_rate must be a positive integer" in err[0]
     rc = build_cli.main(["audio_folder", "--name", "cli", "--audio_dir", str(folder / "clips"),
                          "--csv", str(folder / "good.csv"), "--data_dir", str(tmp_path / "d")])
     assert rc == 0 and "'train': 3" in capsys.readouterr().out

@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="rebuild if it exists")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS echoes the whole config at WARNING
     try:
         if args.builder == "audio_folder":
             if not args.name:
@@ -60,8 +62,8 @@ def main(argv=None) -> int:
         else:
             config = args.config
         ds_builder = builders.build(args.builder, args.data_dir, config=config, overwrite=args.overwrite)
-    except (builders.BuildError, audio.AudioLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (builders.BuildError, audio.AudioLoadError, ValueError) as e:  # one line, no trace
+        print(f"python -m dwm_jax.data: error: {e}", file=sys.stderr)
         return 2
     splits = {k: v.num_examples for k, v in ds_builder.info.splits.items()}
     print(f"built {ds_builder.data_dir}: {splits}")
