@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 import zlib
 from typing import Any
@@ -330,7 +331,8 @@ def _truncate_metrics(path: str, last_step: int):
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint and exits at the next step.
+    """SIGTERM, or a first Ctrl-C (SIGINT), sets a flag; the loop saves a checkpoint and exits
+    at the next step. A second Ctrl-C interrupts at once (the last checkpoint stays).
 
     With several processes the hosts must stop at the same step (the save and the next
     step are collective), so :meth:`stop_now` all-gathers the flags: any host's SIGTERM
@@ -339,9 +341,15 @@ class _Preemption:
 
     def __init__(self):
         self.requested = False
-        self._old = signal.signal(signal.SIGTERM, self._handler)
+        self._old = {sig: signal.signal(sig, self._handler)
+                     for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handler(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            print("\nstopping after this step with a checkpoint (Ctrl-C again: at once)",
+                  file=sys.stderr)
         self.requested = True
 
     def stop_now(self) -> bool:
@@ -351,7 +359,8 @@ class _Preemption:
         return bool(np.any(flags))
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def config_json(cfg) -> dict:
@@ -364,6 +373,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     Raises ConfigError (naming the field) before anything is compiled or written when the
     config cannot work."""
     validation.check_config(cfg)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise validation.ConfigError(f"--workdir {workdir} is a file, not a directory")
     is_main = jax.process_index() == 0
 
     # --- mesh and input

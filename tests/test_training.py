@@ -185,6 +185,12 @@ def test_sigkill_then_resume_is_exact_and_sigterm_saves(synthetic_small, tmp_pat
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(_params(termed))):
         np.testing.assert_array_equal(a, b)
 
+    # a first Ctrl-C behaves like SIGTERM: a checkpoint at the step, then a clean stop
+    interrupted = tmp_path / "ctrl_c"
+    res = _child(synthetic_small, interrupted, "SIGINT", at_call=5)
+    assert res.returncode == 0 and "summary 5 5" in res.stdout, res.stderr[-2000:]
+    assert os.path.isdir(interrupted / "checkpoints" / "5")
+
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_small, tmp_path,
                                                                   monkeypatch):

@@ -85,3 +85,12 @@ def test_train_cli_refuses_in_one_line_and_writes_nothing(tmp_path, override, ma
     assert len(lines) == 1 and lines[0].startswith("train.py: error:"), res.stderr[-2000:]
     assert match in lines[0]
     assert not workdir.exists()
+
+
+def test_a_workdir_that_is_a_file_is_refused(tmp_path):
+    from dwm_jax import trainer
+    path = tmp_path / "notes.txt"
+    path.write_text("keep me")
+    with pytest.raises(validation.ConfigError, match="is a file, not a directory"):
+        trainer.train(micro_config(str(tmp_path / "no_data")), str(path), progress=False)
+    assert path.read_text() == "keep me"
