@@ -56,10 +56,15 @@ def main(argv):
         print(f"eval.py: no checkpoint{'' if step is None else f' at step {step}'} under "
               f"{ckpt.directory}", file=sys.stderr)
         return 2
-    meta = ckpt.read_meta(step)
-    ckpt.close()
+    try:
+        meta = ckpt.read_meta(step)
+        encoder = Embedder.from_workdir(workdir, step)
+    except (checkpointing.CheckpointDamagedError, checkpointing.CheckpointMismatchError) as e:
+        print(f"eval.py: {e} (--step picks another checkpoint)", file=sys.stderr)
+        return 2
+    finally:
+        ckpt.close()
     data_dir = _DATA_DIR.value or meta["config"]["data"]["data_dir"]
-    encoder = Embedder.from_workdir(workdir, step)
     random_init = Embedder.random_init(meta["config"], encoder.stats, seed=0)
     cache = None if _NO_CACHE.value else os.path.join(workdir, "eval", "cache")
     # cache keys identify the weights (not the step: a retrained run reaches the same step)

@@ -220,3 +220,20 @@ def test_fold_datasets_use_leave_one_fold_out(tmp_path):
     assert r["protocol"].startswith("leave-one-fold-out over 3 folds")
     assert len(r["raw"]["fold_accuracies"]) == 3 and r["num_test"] == 24
     assert r["raw"]["test_accuracy"] == 1.0  # a 300 Hz tone vs a 3 kHz tone
+
+
+def test_eval_names_a_damaged_checkpoint_in_one_line(synthetic_small, tmp_path):
+    import shutil
+
+    from tests.test_training import _damage_largest_state_file, micro_config
+    workdir = tmp_path / "run"
+    trainer.train(micro_config(synthetic_small[0], "msm_mae", "random", total_steps=4),
+                  str(workdir), progress=False)
+    _damage_largest_state_file(str(workdir / "checkpoints" / "4"))
+    res = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}",
+                          "--tasks=synthetic_sounds/small", f"--data_dir={synthetic_small[0]}"],
+                         capture_output=True, text=True, cwd=REPO)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+    assert "checkpoints/4 cannot be read" in lines[0] or "is damaged" in lines[0]
+    shutil.rmtree(workdir)
