@@ -216,15 +216,21 @@ def abstract_state(setup: Setup, seed: int):
 # -------------------------------------------------------------------------------------- loop
 
 def _open_data(cfg):
+    """The training split; a dataset that is not there (or a bad name or split) is a
+    ConfigError naming config.data."""
     d = cfg.data
     try:
-        split = data_lib.open_split(d.data_dir, d.name, d.split)
-    except FileNotFoundError:
-        if not (d.build_if_missing and d.name.startswith("synthetic_sounds/")):
-            raise
-        data_lib.build("synthetic_sounds", d.data_dir, config=d.name.split("/")[1])
-        split = data_lib.open_split(d.data_dir, d.name, d.split)
-    return split
+        try:
+            return data_lib.open_split(d.data_dir, d.name, d.split)
+        except FileNotFoundError:
+            if not (d.build_if_missing and d.name.startswith("synthetic_sounds/")):
+                raise
+            data_lib.build("synthetic_sounds", d.data_dir, config=d.name.split("/")[1])
+            return data_lib.open_split(d.data_dir, d.name, d.split)
+    except (FileNotFoundError, ValueError) as e:  # BuildError is a ValueError
+        raise validation.ConfigError(
+            f"config.data (name={d.name!r}, split={d.split!r}, data_dir={d.data_dir!r}): "
+            f"{e}") from None
 
 
 # Config fields a resumed run may change: how the run is observed, saved and placed, not what

@@ -74,6 +74,8 @@ def test_unknown_and_missing_fields_are_named():
     ("--config.optim.base_lr=-0.001", "config.optim.base_lr must be > 0"),
     ("--config.foo=1", "--config.foo: the config has no field 'foo'"),
     ("--config.batch_size=abc", "--config.batch_size=abc"),
+    ("--config.data.name=audio_folder/none_here", "config.data (name='audio_folder/none_here'"),
+    ("--config.data.name=nonsense", "dataset name must look like 'builder/config'"),
 ])
 def test_train_cli_refuses_in_one_line_and_writes_nothing(tmp_path, override, match):
     workdir = tmp_path / "w"
