@@ -3,8 +3,9 @@
 16 kHz mono, n_fft 400 (25 ms), hop 160 (10 ms), 80 mel bins over 50-8000 Hz,
 ``log(mel + eps)``: the authors' front end (nnAudio ``MelSpectrogram``: periodic Hann window,
 centred frames with reflect padding, Slaney mel filterbank with area normalisation, power 2;
-eps = float32 eps). ``tests/test_reference.py`` compares it with their numbers. Spectrograms are float32 ``[n_mels, frames]`` (frequency first, as the
-models and samplers expect). Any file soundfile reads (wav, flac, ogg, mp3) loads; channels
+eps = float32 eps). ``tests/test_reference.py`` compares it with their numbers.
+Spectrograms are float32 ``[n_mels, frames]`` (frequency first, as the models and samplers
+expect). Any file soundfile reads (wav, flac, ogg, mp3) loads; channels
 are averaged and the signal is resampled (soxr) to the front end's rate. Imports nothing
 else from dwm_jax.
 """

@@ -94,7 +94,7 @@ class Embedder:
             frontend=dataclasses.asdict(self.frontend), input_shape=[self.n_mels, self.frames],
             patch_size=list(self.encoder.patch_size),
             size=dataclasses.asdict(self.encoder.size)), sort_keys=True).encode())
-        leaves = jax.tree_util.tree_flatten_with_path(self._params.to_pure_dict())[0]
+        leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(self._params))[0]
         for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
             h.update(jax.tree_util.keystr(path).encode())
             h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())

@@ -139,7 +139,7 @@ class M2D(nnx.Module):
         self.norm_target, self.target_mode = norm_target, target_mode
 
     def _online(self) -> dict:
-        return nnx.state(self.encoder, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(self.encoder, nnx.Param))
 
     def target_init(self, seed: int = 0) -> dict:
         """The target network's parameters at step 0 (a pure dict).
@@ -154,7 +154,7 @@ class M2D(nnx.Module):
         fresh = vit.Encoder(self.encoder.size, input_shape=self.encoder.input_shape,
                             patch_size=self.encoder.patch_size, dtype=self.encoder.dtype,
                             rngs=nnx.Rngs(key))
-        state = nnx.state(fresh, nnx.Param).to_pure_dict()
+        state = nnx.to_pure_dict(nnx.state(fresh, nnx.Param))
         return {"blocks": state["blocks"], "norm": state["norm"]}
 
     def target_outputs(self, x, mask: masking.Mask, target: dict):

@@ -183,7 +183,8 @@ def evaluate_task(spec: str, data_dir: str, featurisers: dict, *, cache_dir: str
         raise ProbeError(f"task {spec!r}: all clips have one class; a probe needs two or more")
     num_classes = some_split.num_classes
     # the cache path names the data too: a rebuilt dataset never reuses old features
-    slug = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{data_lib.dataset_fingerprint(data_dir, dataset)}"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    slug = f"{slug}-{data_lib.dataset_fingerprint(data_dir, dataset)}"
     out = dict(task=name, dataset=dataset, num_classes=num_classes)
     kw = probe_kw or {}
     for fname, (featurise, cache_key) in featurisers.items():

@@ -130,7 +130,7 @@ def init_state(setup: Setup, seed: int) -> dict:
     rest = nnx.state(model, nnx.Not(nnx.Param))
     if jax.tree.leaves(rest):
         raise ValueError("objective modules must hold only nnx.Param variables")
-    params = params.to_pure_dict()
+    params = nnx.to_pure_dict(params)
     state = dict(params=params, opt_state=setup.optimizer.init(params), target={},
                  step=jnp.zeros((), jnp.int32),
                  rng=jax.random.key_data(jax.random.key(seed + 1)))

@@ -102,7 +102,7 @@ def test_m2d_shapes_target_and_loss(batch):
     assert tgt.shape == (3, 14, 64)  # the masked patches only
     # the target network: online patch embedding and CLS, its own blocks and norm, on ids_mask,
     # then standardised per token (unbiased variance)
-    online = nnx.state(model.encoder, nnx.Param).to_pure_dict()
+    online = nnx.to_pure_dict(nnx.state(model.encoder, nnx.Param))
     enc = nnx.merge(nnx.graphdef(model.encoder), {**online, **target})
     raw = np.asarray(enc(x, mask.ids_mask)[:, 1:])
     expect = (raw - raw.mean(-1, keepdims=True)) / np.sqrt(raw.var(-1, ddof=1, keepdims=True)
@@ -120,7 +120,7 @@ def test_m2d_shapes_target_and_loss(batch):
     def target_only(params):
         m = nnx.merge(nnx.graphdef(model), params)
         return jnp.sum(m.target_outputs(x, mask, target))
-    grads = jax.grad(target_only)(nnx.state(model, nnx.Param).to_pure_dict())
+    grads = jax.grad(target_only)(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
     with pytest.raises(ValueError, match="target"):
         model.loss(x, mask)

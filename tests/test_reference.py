@@ -47,7 +47,7 @@ class Ref:
         model = objectives.make_objective(objective, size=TINY, input_shape=(80, 208),
                                           decoder=HEADS[objective], rngs=nnx.Rngs(0))
         self.graphdef, ours = nnx.split(model, nnx.Param)
-        assert jax.tree.structure(ours.to_pure_dict()) == jax.tree.structure(self.params)
+        assert jax.tree.structure(nnx.to_pure_dict(ours)) == jax.tree.structure(self.params)
         self.model = nnx.merge(self.graphdef, self.params)
         self.x = jnp.asarray(self.z["x"][:, 0])                    # [4, 80, 208]
         ids = self.z["mask/ids_shuffle"]
@@ -254,7 +254,7 @@ def test_one_full_training_step(ref):
 def test_m2d_target_starts_independent_of_the_online_encoder():
     model = objectives.make_objective("m2d", size=TINY, input_shape=(80, 64),
                                       decoder=HEADS["m2d"], rngs=nnx.Rngs(0))
-    online = nnx.state(model.encoder, nnx.Param).to_pure_dict()
+    online = nnx.to_pure_dict(nnx.state(model.encoder, nnx.Param))
     target = model.target_init(seed=0)
     assert set(target) == {"blocks", "norm"}
     w_t, w_o = target["blocks"][0]["fc1"]["kernel"], online["blocks"][0]["fc1"]["kernel"]

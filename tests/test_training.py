@@ -41,7 +41,7 @@ def micro_config(data_dir, objective="m2d", masker="dispersion", **overrides):
 def _params(workdir):
     enc, stats, cfg = trainer.load_encoder(workdir)
     from flax import nnx
-    return jax.tree.map(np.asarray, nnx.state(enc, nnx.Param).to_pure_dict())
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(enc, nnx.Param)))
 
 
 def _metrics(workdir):

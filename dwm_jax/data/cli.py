@@ -61,7 +61,8 @@ def main(argv=None) -> int:
                 frontend=frontend)
         else:
             config = args.config
-        ds_builder = builders.build(args.builder, args.data_dir, config=config, overwrite=args.overwrite)
+        ds_builder = builders.build(args.builder, args.data_dir, config=config,
+                                    overwrite=args.overwrite)
     except (builders.BuildError, audio.AudioLoadError, ValueError) as e:  # one line, no trace
         print(f"python -m dwm_jax.data: error: {e}", file=sys.stderr)
         return 2
