@@ -12,6 +12,10 @@ else from dwm_jax.
 
 from __future__ import annotations
 
+from dwm_jax._extras import require
+
+require("audio", "librosa", "soundfile")
+
 import dataclasses
 import os
 

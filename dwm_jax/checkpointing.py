@@ -13,6 +13,10 @@ intact one. A failed save (a full disk) raises :class:`CheckpointSaveError` at o
 
 from __future__ import annotations
 
+from dwm_jax._extras import require
+
+require("train", "orbax", "grain")
+
 import contextlib
 import os
 

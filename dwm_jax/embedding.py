@@ -18,6 +18,10 @@ runtime returned. Inputs are raw log-mel (the embedder applies the normalisation
 
 from __future__ import annotations
 
+from dwm_jax._extras import require
+
+require("eval", "flax", "librosa")
+
 import dataclasses
 import functools
 import hashlib

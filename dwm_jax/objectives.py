@@ -11,6 +11,10 @@ losses, every gradient and one optimizer step.
 
 from __future__ import annotations
 
+from dwm_jax._extras import require
+
+require("train", "flax")
+
 from typing import Callable
 
 import jax

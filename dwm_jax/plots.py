@@ -5,6 +5,10 @@
 
 from __future__ import annotations
 
+from dwm_jax._extras import require
+
+require("plots", "matplotlib")
+
 import argparse
 import os
 

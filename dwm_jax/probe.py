@@ -12,6 +12,10 @@ statistics (mean and std per mel bin).
 
 from __future__ import annotations
 
+from dwm_jax._extras import require
+
+require("eval", "optax", "tensorflow_datasets", "grain")
+
 import hashlib
 import os
 import re

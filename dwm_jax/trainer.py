@@ -11,6 +11,10 @@ from the latest checkpoint and stops on a non-finite loss or gradient.
 
 from __future__ import annotations
 
+from dwm_jax._extras import require
+
+require("train", "flax", "optax", "orbax", "ml_collections", "tensorboardX", "tqdm")
+
 import dataclasses
 import json
 import logging

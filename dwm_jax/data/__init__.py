@@ -7,6 +7,10 @@ log-mel spectrograms, and Grain loaders that read them without TensorFlow.
   synthetic.py  the procedural sound classes
 """
 
+from dwm_jax._extras import require
+
+require("data", "tensorflow_datasets", "grain", "librosa", "soundfile")
+
 from dwm_jax.data.builders import (AudioFolderConfig, BuildError, SyntheticSoundsConfig,
                                    audio_folder_config, build)
 from dwm_jax.data.pipeline import (DatasetSplit, NormStats, dataset_dir,

@@ -11,6 +11,10 @@ M2D and MSM-MAE numbers.
 
 from __future__ import annotations
 
+from dwm_jax._extras import require
+
+require("train", "flax")
+
 import dataclasses
 
 import jax
