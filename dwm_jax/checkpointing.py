@@ -98,6 +98,14 @@ def _differences(stored: dict, wanted: dict, limit: int = 6) -> list[str]:
     return diffs[:limit] + ([f"... {len(diffs) - limit} more"] if len(diffs) > limit else [])
 
 
+def check_signature(stored: dict, meta: dict, where: str):
+    """Raises CheckpointMismatchError, listing the differences, unless a checkpoint's stored
+    meta describes a state of the same shapes as this run's ``meta``."""
+    if stored.get("signature") != meta["signature"]:
+        diffs = "; ".join(_differences(stored.get("signature", {}), meta["signature"]))
+        raise CheckpointMismatchError(f"{where} holds a state of another shape: {diffs}")
+
+
 class Checkpointer:
     """Orbax CheckpointManager with a keep policy and asynchronous saves. The caller decides
     when to save (the trainer: every ``ckpt_every`` steps, at the end and on SIGTERM)."""
@@ -147,23 +155,6 @@ class Checkpointer:
         except Exception as e:
             raise CheckpointDamagedError(f"{os.path.join(self.directory, str(step))}: its "
                                          f"description cannot be read ({_root_cause(e)})") from e
-
-    def check_compatible(self, step: int, meta: dict, keys=("model", "objective")):
-        """Raises CheckpointMismatchError unless the stored meta agrees on ``keys`` and on
-        the state's signature."""
-        stored = self.read_meta(step)
-        where = os.path.join(self.directory, str(step))
-        for key in keys:
-            if stored.get("config", {}).get(key) != meta["config"].get(key):
-                raise CheckpointMismatchError(
-                    f"{where} was written with config.{key} = {stored.get('config', {}).get(key)}"
-                    f"; this run has config.{key} = {meta['config'].get(key)}. Use another "
-                    "workdir or a matching config.")
-        if stored.get("signature") != meta["signature"]:
-            diffs = "; ".join(_differences(stored.get("signature", {}), meta["signature"]))
-            raise CheckpointMismatchError(
-                f"{where} holds a state of another shape: {diffs}")
-        return stored
 
     def restore(self, step: int, abstract_state, data_iterator=None):
         """-> (state, meta). ``abstract_state``: ShapeDtypeStructs with the target shardings.

@@ -426,8 +426,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     changes = []
 
     def check(step, stored):  # before a checkpoint's state is read: is it this run's?
-        changes[:] = check_resume(stored, meta, os.path.join(ckpt.directory, str(step)))
-        ckpt.check_compatible(step, meta, keys=())  # and the state's shapes
+        where = os.path.join(ckpt.directory, str(step))
+        changes[:] = check_resume(stored, meta, where)
+        checkpointing.check_signature(stored, meta, where)  # and the state's shapes
 
     had_checkpoints = ckpt.latest_step() is not None
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
