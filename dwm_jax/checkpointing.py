@@ -138,9 +138,9 @@ class Checkpointer:
         except CheckpointSaveError:
             raise
         except Exception as e:
-            where = f"step {step} " if step is not None else ""
+            when = f" (noticed when saving step {step})" if step is not None else ""
             raise CheckpointSaveError(
-                f"saving checkpoint {where}under {self.directory} failed ({_root_cause(e)}); "
+                f"a checkpoint save under {self.directory} failed{when}: {_root_cause(e)}; "
                 "the checkpoints before it are intact") from e
 
     def check(self):
