@@ -20,7 +20,16 @@ demo: $(STAMP)
 figures: $(STAMP)
 	$(PY) -m dwm_jax.plots --outdir docs/figures
 
-test: $(STAMP)
+# The .pth tests of the converter need PyTorch: installed from this machine's disk when a
+# CPU build lies there (pip's find-links); elsewhere they are skipped, saying so.
+TORCH_STAMP := $(VENV)/.torch
+$(TORCH_STAMP): $(STAMP)
+	if $(PY) -m pip install -q --no-deps --no-index torch==2.13.0 >/dev/null 2>&1; \
+	    then $(PY) -m pip install -q torch==2.13.0; \
+	else echo "no local PyTorch CPU wheel: the .pth converter tests will be skipped"; fi
+	touch $(TORCH_STAMP)
+
+test: $(STAMP) $(TORCH_STAMP)
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 bench: $(STAMP)

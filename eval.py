@@ -45,6 +45,8 @@ def main(argv):
     from dwm_jax import checkpointing, probe
     from dwm_jax.embedding import Embedder
 
+    checkpointing.quiet_background_echoes()
+
     workdir = _WORKDIR.value
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # and create nothing there
         print(f"eval.py: no checkpoint under {os.path.join(workdir, 'checkpoints')}",

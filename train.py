@@ -32,33 +32,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "with --coordinator
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "with --coordinator_address")
 
 
-def _quiet_background_save_failures():
-    """A failed asynchronous save makes Orbax's background threads log it at length, and
-    asyncio adds tracebacks of unretrieved futures and closed loops. The trainer raises the
-    failure once, as CheckpointSaveError, which main() prints in one line; drop the echoes."""
-    import logging
-    import threading
-
-    def echo(record):
-        where = record.pathname or ""
-        return record.levelno >= logging.ERROR and ("orbax" in where or "asyncio" in where)
-
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(lambda record: not echo(record))
-
-    def closed_loop(exc):
-        return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
-
-    thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
-    threading.excepthook = lambda a: None if closed_loop(a.exc_value) else thread_hook(a)
-    sys.unraisablehook = lambda u: None if closed_loop(u.exc_value) else unraisable_hook(u)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and TFDS are chatty at INFO
-    _quiet_background_save_failures()
+    from dwm_jax import checkpointing
+    checkpointing.quiet_background_echoes()
     import jax
     if _COORDINATOR.value is not None:
         if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
@@ -69,9 +48,7 @@ def main(argv):
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     elif _MULTIHOST.value:
         jax.distributed.initialize()
-    from dwm_jax import trainer
-
-    from dwm_jax import checkpointing, validation
+    from dwm_jax import trainer, validation
 
     cfg = _CONFIG.value
     workdir = _WORKDIR.value

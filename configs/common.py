@@ -19,6 +19,9 @@ def base(objective: str = "m2d", masker: str = "dispersion") -> ml_collections.C
     c.epochs = 300
     c.total_steps = 0                  # 0: epochs x steps per epoch
     c.num_devices = 0                  # 0: all visible devices
+    # another workdir (a run, or `python -m dwm_jax.convert` output) to start from: its
+    # encoder, and its predictor / decoder and M2D target where they fit
+    c.init_from = ""
     c.fsdp = False                     # shard parameters and optimizer state over the mesh
 
     c.data = ml_collections.ConfigDict(dict(

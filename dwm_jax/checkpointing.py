@@ -76,7 +76,8 @@ def _root_cause(e: BaseException) -> str:
     while seen.__cause__ is not None or seen.__context__ is not None:
         seen = seen.__cause__ or seen.__context__
     text = str(seen).strip().splitlines()
-    return f"{type(seen).__name__}: {text[-1] if text else ''}"
+    line = (text[-1] if text else "").split(" [tensorstore_spec")[0]  # not its JSON spec
+    return f"{type(seen).__name__}: {line[:300]}{'...' if len(line) > 300 else ''}"
 
 
 def tree_signature(tree) -> dict[str, list]:
@@ -156,13 +157,22 @@ class Checkpointer:
             raise CheckpointDamagedError(f"{os.path.join(self.directory, str(step))}: its "
                                          f"description cannot be read ({_root_cause(e)})") from e
 
-    def restore(self, step: int, abstract_state, data_iterator=None):
-        """-> (state, meta). ``abstract_state``: ShapeDtypeStructs with the target shardings.
-        The data iterator, if given, is restored in place. Raises CheckpointDamagedError when
-        files are missing or unreadable, or the state differs from its fingerprint."""
+    def restore(self, step: int, abstract_state, data_iterator=None, *, partial=False):
+        """-> (state, meta). ``abstract_state``: ShapeDtypeStructs with the target shardings;
+        ``partial``: it names a subset of the stored arrays (e.g. only the parameters) and
+        only those are read. The data iterator, if given, is restored in place. Raises
+        CheckpointDamagedError when files are missing or unreadable, or the arrays read differ
+        from their fingerprint."""
         where = os.path.join(self.directory, str(step))
-        items = dict(state=ocp.args.StandardRestore(abstract_state),
-                     meta=ocp.args.JsonRestore())
+        if partial:
+            restore_args = jax.tree.map(
+                lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                               dtype=a.dtype), abstract_state)
+            state_args = ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args,
+                                                partial_restore=True)
+        else:
+            state_args = ocp.args.StandardRestore(abstract_state)
+        items = dict(state=state_args, meta=ocp.args.JsonRestore())
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
@@ -172,7 +182,8 @@ class Checkpointer:
         wanted = out["meta"].get("fingerprint")
         if wanted is not None:
             got = state_fingerprint(out["state"])
-            bad = sorted(k for k in set(wanted) | set(got) if wanted.get(k) != got.get(k))
+            keys = set(got) if partial else set(wanted) | set(got)
+            bad = sorted(k for k in keys if wanted.get(k) != got.get(k))
             if bad:
                 raise CheckpointDamagedError(
                     f"{where} is damaged: {len(bad)} array(s) differ from the fingerprint "
@@ -209,3 +220,27 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
+
+
+def quiet_background_echoes():
+    """For command-line tools. A failed asynchronous save or a damaged checkpoint makes
+    Orbax's background threads log it at length, and asyncio adds tracebacks of unretrieved
+    futures and closed loops at exit. The tools raise the failure once (CheckpointSaveError,
+    CheckpointDamagedError) and print it in one line; this drops the echoes."""
+    import logging
+    import sys
+    import threading
+
+    def echo(record):
+        where = record.pathname or ""
+        return record.levelno >= logging.ERROR and ("orbax" in where or "asyncio" in where)
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: not echo(record))
+
+    def closed_loop(exc):
+        return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+    thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
+    threading.excepthook = lambda a: None if closed_loop(a.exc_value) else thread_hook(a)
+    sys.unraisablehook = lambda u: None if closed_loop(u.exc_value) else unraisable_hook(u)

@@ -73,10 +73,11 @@ class Embedder:
 
     @classmethod
     def from_workdir(cls, workdir: str, step: int | None = None) -> "Embedder":
-        """The encoder of a training run's checkpoint (latest unless ``step``)."""
-        from dwm_jax import trainer  # the checkpoint format belongs to the trainer
+        """The encoder of a workdir's checkpoint (latest unless ``step``): a training run or
+        a converted checkpoint of the authors'."""
+        from dwm_jax import pretrained
 
-        encoder, stats, config = trainer.load_encoder(workdir, step)
+        encoder, stats, config = pretrained.load_encoder(workdir, step)
         return cls(encoder, stats)
 
     @classmethod

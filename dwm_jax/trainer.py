@@ -427,6 +427,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
 
     def check(step, stored):  # before a checkpoint's state is read: is it this run's?
         where = os.path.join(ckpt.directory, str(step))
+        if "converted_from" in stored:
+            raise checkpointing.CheckpointMismatchError(
+                f"{workdir} holds weights converted from "
+                f"{stored['converted_from'].get('file')}, not a training run; to pretrain "
+                f"from them, start a run in another workdir with --config.init_from={workdir}")
         changes[:] = check_resume(stored, meta, where)
         checkpointing.check_signature(stored, meta, where)  # and the state's shapes
 
@@ -446,6 +451,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     else:
         start = 0
         state = jax.jit(lambda: init_state(setup, cfg.seed), out_shardings=shardings)()
+        if cfg.init_from:
+            from dwm_jax import pretrained
+            state, notes = pretrained.start_from(cfg.init_from, state, shardings, cfg)
+            log.warning("config.init_from: %s", "; ".join(notes))
         if is_main:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 json.dump(meta["config"], f, indent=1)
@@ -518,29 +527,3 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     summary["checkpoint_dir"] = ckpt.directory
     summary["state"] = state
     return summary
-
-
-def load_encoder(workdir: str, step: int | None = None):
-    """-> (encoder nnx module with trained weights, NormStats, config dict) from a workdir."""
-    ckpt = checkpointing.Checkpointer(workdir, async_save=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
-        meta = ckpt.read_meta(step)
-        cfg = ml_collections.ConfigDict(meta["config"])
-        setup = make_setup(cfg, meta["steps_per_epoch"], meta["total_steps"])
-        abstract = abstract_state(setup, cfg.seed)
-        if checkpointing.tree_signature(abstract) != meta["signature"]:
-            raise checkpointing.CheckpointMismatchError(
-                f"{ckpt.directory}/{step}: the stored state does not match its own config")
-        # Onto this process's first device, whatever mesh wrote it (e.g. a pod's checkpoint
-        # read on one GPU): a target without shardings would ask for the writer's topology.
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-        state, _ = ckpt.restore(step, target)
-    finally:
-        ckpt.close()
-    model = nnx.merge(setup.graphdef, state["params"])
-    return model.encoder, data_lib.NormStats(**meta["norm_stats"]), meta["config"]

@@ -68,6 +68,13 @@ def _pair(v):
         return "must be two positive integers"
 
 
+def _size(v):
+    try:
+        vit.parse_size(v)
+    except ValueError:
+        return f"must be one of {list(vit.SIZES)} or 'DIMxDEPTHxHEADS[xMLP_RATIO]'"
+
+
 def _free(v):  # checked by building what it describes
     if not isinstance(v, dict) and not hasattr(v, "to_dict"):
         return "must be a dict"
@@ -80,12 +87,13 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "total_steps": _integer(0),
     "num_devices": _integer(0),
     "fsdp": _boolean,
+    "init_from": _optional_string,
     "data.data_dir": _string,
     "data.name": _string,
     "data.split": _string,
     "data.build_if_missing": _boolean,
     "data.worker_count": _integer(0),
-    "model.size": _one_of(*vit.SIZES),
+    "model.size": _size,
     "model.input_shape": _pair,
     "model.patch_size": _pair,
     "model.decoder": _free,
@@ -157,7 +165,7 @@ def _check_together(cfg) -> None:
         masking.patch_grid(tuple(m.input_shape), tuple(m.patch_size))
     except ValueError as e:
         raise ConfigError(f"config.model.input_shape / patch_size: {e}") from None
-    size = vit.SIZES[m.size]
+    size = vit.parse_size(m.size)
     if size.dim % size.heads or size.dim % 4:
         raise ConfigError(f"config.model.size {m.size!r}: width {size.dim} must divide by its "
                           f"{size.heads} heads and by 4")

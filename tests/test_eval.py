@@ -222,14 +222,24 @@ def test_fold_datasets_use_leave_one_fold_out(tmp_path):
     assert r["raw"]["test_accuracy"] == 1.0  # a 300 Hz tone vs a 3 kHz tone
 
 
-def test_eval_names_a_damaged_checkpoint_in_one_line(synthetic_small, tmp_path):
+@pytest.mark.parametrize("damage", ["bytes", "silent_value_change"])
+def test_eval_names_a_damaged_checkpoint_in_one_line(synthetic_small, tmp_path, damage):
+    """eval.py reads only the encoder's arrays (and checks them against their fingerprint):
+    flipped bytes in every data file, or an encoder value that reads back but is not what
+    was saved, is named in one line."""
     import shutil
 
-    from tests.test_training import _damage_largest_state_file, micro_config
+    from tests.test_training import _damage_state_files, micro_config
     workdir = tmp_path / "run"
     trainer.train(micro_config(synthetic_small[0], "msm_mae", "random", total_steps=4),
                   str(workdir), progress=False)
-    _damage_largest_state_file(str(workdir / "checkpoints" / "4"))
+    if damage == "bytes":
+        _damage_state_files(str(workdir / "checkpoints" / "4"))
+    else:
+        path = os.path.join(workdir, "checkpoints", "4", "meta", "metadata")
+        meta = json.load(open(path))
+        meta["fingerprint"]["params/encoder/norm/scale"] ^= 1
+        json.dump(meta, open(path, "w"))
     res = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}",
                           "--tasks=synthetic_sounds/small", f"--data_dir={synthetic_small[0]}"],
                          capture_output=True, text=True, cwd=REPO)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dwm_jax import checkpointing, sharding, trainer
+from dwm_jax import checkpointing, pretrained, sharding, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +39,7 @@ def micro_config(data_dir, objective="m2d", masker="dispersion", **overrides):
 
 
 def _params(workdir):
-    enc, stats, cfg = trainer.load_encoder(workdir)
+    enc, stats, cfg = pretrained.load_encoder(workdir)
     from flax import nnx
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(enc, nnx.Param)))
 
@@ -312,16 +312,35 @@ def test_resume_refuses_another_run_and_records_accepted_changes(synthetic_small
     assert trainer.train(micro_config(moved, **kw), run, progress=False)["start_step"] == 2
 
 
-def _damage_largest_state_file(step_dir):
-    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state"))
-             for f in fs if "/d/" in os.path.join(d, f) + "/"]
-    path = max(files, key=os.path.getsize)
+def _state_data_files(step_dir):
+    return [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state"))
+            for f in fs if "/d/" in os.path.join(d, f) + "/"]
+
+
+def _flip_middle_bytes(path):
     with open(path, "r+b") as f:
         f.seek(os.path.getsize(path) // 2)
         chunk = f.read(64)
         f.seek(os.path.getsize(path) // 2)
         f.write(bytes(b ^ 0x5A for b in chunk))
+
+
+def _damage_largest_state_file(step_dir):
+    path = max(_state_data_files(step_dir), key=os.path.getsize)
+    _flip_middle_bytes(path)
     return path
+
+
+def _damage_state_files(step_dir, every=16384):
+    """Flips 64 bytes every ``every`` bytes of every data file of the state (so every array
+    larger than that is hit, whichever file holds it)."""
+    for path in _state_data_files(step_dir):
+        with open(path, "r+b") as f:
+            for offset in range(every // 2, os.path.getsize(path), every):
+                f.seek(offset)
+                chunk = f.read(64)
+                f.seek(offset)
+                f.write(bytes(b ^ 0x5A for b in chunk))
 
 
 @pytest.mark.parametrize("damage", ["bytes", "missing_file", "silent_value_change"])
@@ -380,7 +399,7 @@ def test_full_disk_stops_the_run_at_the_failed_save(synthetic_small, tmp_path):
         ckpt = checkpointing.Checkpointer(workdir)
         assert ckpt.latest_step() == 4
         ckpt.close()
-        trainer.load_encoder(workdir)  # restores, fingerprint checked
+        pretrained.load_encoder(workdir)  # restores, fingerprint checked
         metrics = _metrics(workdir)
         assert max(metrics) < 12  # it stopped, it did not train on to the end
     finally:

@@ -42,6 +42,27 @@ SIZES = {
 }
 
 
+def parse_size(size: "str | ViTSize") -> ViTSize:
+    """A named size ('base') or 'DIMxDEPTHxHEADS[xMLP_RATIO]' (e.g. '64x2x4', the reference
+    fixtures' encoder; a converted checkpoint of another width) -> ViTSize."""
+    if isinstance(size, ViTSize):
+        return size
+    if size in SIZES:
+        return SIZES[size]
+    parts = str(size).split("x")
+    try:
+        if len(parts) not in (3, 4):
+            raise ValueError
+        dim, depth, heads = (int(p) for p in parts[:3])
+        ratio = float(parts[3]) if len(parts) == 4 else 4.0
+        if min(dim, depth, heads) < 1 or ratio <= 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"model size {size!r} is neither one of {list(SIZES)} nor "
+                         "'DIMxDEPTHxHEADS[xMLP_RATIO]' (e.g. '768x12x12')") from None
+    return ViTSize(dim, depth, heads, ratio)
+
+
 def sincos_2d(dim: int, grid: tuple[int, int]) -> np.ndarray:
     """Fixed 2-D sin-cos positions [Fp * Tp, dim] for tokens in frequency-major order.
 
@@ -105,7 +126,7 @@ class Encoder(nnx.Module):
 
     def __init__(self, size: str | ViTSize = "base", *, input_shape=(80, 608),
                  patch_size=(16, 16), dtype=jnp.float32, rngs: nnx.Rngs):
-        self.size = SIZES[size] if isinstance(size, str) else size
+        self.size = parse_size(size)
         self.input_shape, self.patch_size = tuple(input_shape), tuple(patch_size)
         self.grid = masking.patch_grid(self.input_shape, self.patch_size)
         self.dtype = dtype

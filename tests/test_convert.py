@@ -1,0 +1,296 @@
+"""The converter (python -m dwm_jax.convert) and continued pretraining (config.init_from).
+
+The authors' weights are the reference fixtures' ``weights/*`` (their M2D and MSM-MAE
+state_dicts, tests/data/reference/), written as the files users have: .npz, .safetensors and
+.pth (PyTorch; those tests need it installed), with and without their wrappers' prefixes.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dwm_jax import checkpointing, convert, masking, pretrained, sharding, trainer, validation
+from dwm_jax.embedding import Embedder
+from dwm_jax.models import vit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REF = os.path.join(REPO, "tests", "data", "reference")
+# the fixtures' heads (not readable from shapes): encoder 4, M2D predictor 4, MSM-MAE decoder 2
+FLAGS = {"m2d": ["--num_heads", "4", "--decoder_num_heads", "4", "--input_shape", "80x208"],
+         "msm_mae": ["--num_heads", "4", "--decoder_num_heads", "2", "--input_shape", "80x208"]}
+
+
+def _fixture(objective):
+    z = dict(np.load(os.path.join(REF, f"{objective}_reference.npz")))
+    weights = {k[len("weights/"):]: v for k, v in z.items() if k.startswith("weights/")}
+    return z, weights
+
+
+def _encoder_only(weights):
+    return {k: v for k, v in weights.items()
+            if not k.startswith(("decoder", "target", "mask_token"))}
+
+
+def _convert(path, workdir, *flags):
+    code = convert.main([str(path), "--workdir", str(workdir), *flags])
+    return code
+
+
+def _mask(z):
+    ids, k = z["mask/ids_shuffle"], int(z["mask/len_keep"])
+    return masking.Mask(jnp.asarray(ids[:, :k]), jnp.asarray(ids[:, k:]),
+                        jnp.asarray(z["mask/ids_restore"]), jnp.asarray(z["mask/mask"]))
+
+
+def test_converted_fixture_gives_their_runtime_features(tmp_path):
+    """Their M2D state_dict as .npz -> workdir -> Embedder.from_workdir on raw log-mel: the
+    features their portable runtime returned (it normalises with the converted stats)."""
+    z, weights = _fixture("m2d")
+    np.savez(tmp_path / "m2d.npz", **weights)
+    assert _convert(tmp_path / "m2d.npz", tmp_path / "run", *FLAGS["m2d"]) == 0
+    report = json.load(open(tmp_path / "run" / "conversion.json"))
+    assert report["objective"] == "m2d" and report["size"] == "64x2x4"
+    np.testing.assert_allclose(report["norm_stats"], [z["norm_mean"], z["norm_std"]], rtol=1e-6)
+    assert report["check_max_relative_diff"] < 1e-5
+    emb = Embedder.from_workdir(str(tmp_path / "run"))
+    for i in range(2):
+        ours = emb.time_features(z["portable/lms_raw"][i, 0])
+        np.testing.assert_allclose(ours, z["portable/features"][i], atol=2e-4)
+
+
+@pytest.mark.parametrize("objective", ["m2d", "msm_mae"])
+def test_step_from_converted_full_checkpoint_reproduces_their_loss(objective, tmp_path):
+    """A run started from the converted full checkpoint (config.init_from) holds their
+    encoder, predictor / decoder and target: one update on their batch and mask gives their
+    loss."""
+    z, weights = _fixture(objective)
+    np.savez(tmp_path / "ckpt.npz", **weights)
+    assert _convert(tmp_path / "ckpt.npz", tmp_path / "conv", *FLAGS[objective]) == 0
+    source = pretrained.read_weights(str(tmp_path / "conv"))
+    import ml_collections
+    cfg = ml_collections.ConfigDict(source.config)
+    cfg.init_from = str(tmp_path / "conv")
+    setup = trainer.make_setup(cfg, 1, 300)
+    mesh = sharding.make_mesh(1)
+    abstract = trainer.abstract_state(setup, 0)
+    shardings = sharding.state_shardings(abstract, mesh)
+    state = jax.jit(lambda: trainer.init_state(setup, 0), out_shardings=shardings)()
+    state, notes = pretrained.start_from(cfg.init_from, state, shardings, cfg)
+    head = "predictor" if objective == "m2d" else "decoder"
+    assert f"{head} from the source" in notes
+    if objective == "m2d":
+        assert "target from the source's target" in notes
+    _, metrics = trainer.update(setup, state, jnp.asarray(z["x"][:, 0]), _mask(z))
+    np.testing.assert_allclose(float(metrics["loss"]), float(z["loss"]), rtol=2e-5)
+
+
+def test_encoder_only_file_with_their_prefixes_and_clap_heads(tmp_path):
+    """Keys under 'module.ar.runtime.backbone.' (their CLAP / M2D-AS runtime), CLAP's
+    projections skipped with a note, the input size read from the positions."""
+    z, weights = _fixture("m2d")
+    sd = {f"module.ar.runtime.backbone.{k}": v for k, v in _encoder_only(weights).items()}
+    sd["module.audio_proj.0.weight"] = np.zeros((8, 64), np.float32)
+    sd["module.text_proj.weight"] = np.zeros((8, 32), np.float32)
+    np.savez(tmp_path / "clap.npz", **sd)
+    assert _convert(tmp_path / "clap.npz", tmp_path / "run", "--num_heads", "4") == 0
+    report = json.load(open(tmp_path / "run" / "conversion.json"))
+    assert report["objective"] == "encoder" and report["input_shape"] == [80, 208]
+    assert report["sources"]["input_shape"] == "pos_embed, with 80 mel bins"
+    assert any("CLAP's audio projection" in n for n in report["notes"])
+    assert any("CLAP's text projection" in n for n in report["notes"])
+    emb = Embedder.from_workdir(str(tmp_path / "run"))
+    np.testing.assert_allclose(emb.time_features(z["portable/lms_raw"][1, 0]),
+                               z["portable/features"][1], atol=2e-4)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sd: sd.update({"head.weight": np.zeros((10, 64), np.float32)}),
+     r"no place in m2d: \['head.weight'\]"),
+    (lambda sd: sd.pop("blocks.1.attn.qkv.bias"), r"has no 'blocks.1.attn.qkv.bias'"),
+    (lambda sd: sd.pop("patch_embed.proj.weight"), r"no 'patch_embed.proj.weight'"),
+])
+def test_missing_or_unknown_tensors_stop_the_conversion(tmp_path, capsys, change, message):
+    _, weights = _fixture("m2d")
+    change(weights)
+    np.savez(tmp_path / "bad.npz", **weights)
+    assert _convert(tmp_path / "bad.npz", tmp_path / "run", *FLAGS["m2d"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("convert: ") and err.count("\n") == 1
+    import re
+    assert re.search(message, err), err
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_input_shape_that_contradicts_the_positions(tmp_path, capsys):
+    _, weights = _fixture("m2d")
+    np.savez(tmp_path / "m2d.npz", **weights)
+    assert _convert(tmp_path / "m2d.npz", tmp_path / "run", "--input_shape", "80x608") == 2
+    err = capsys.readouterr().err
+    assert "pos_embed holds 65 patch positions" in err and "190" in err
+
+
+def test_cli_error_is_one_line_and_exit_2(tmp_path):
+    """Through the real command line: a bad file is one stderr line, exit code 2."""
+    (tmp_path / "broken.npz").write_bytes(b"not a zip file")
+    res = subprocess.run([sys.executable, "-m", "dwm_jax.convert", str(tmp_path / "broken.npz"),
+                          "--workdir", str(tmp_path / "run")], capture_output=True, text=True,
+                         cwd=REPO)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert "broken.npz: not a readable .npz" in res.stderr
+
+
+def test_a_workdir_holding_something_else_is_refused(tmp_path, capsys, synthetic_small):
+    _, weights = _fixture("m2d")
+    np.savez(tmp_path / "a.npz", **weights)
+    np.savez(tmp_path / "b.npz", **_encoder_only(weights))
+    assert _convert(tmp_path / "a.npz", tmp_path / "conv", *FLAGS["m2d"]) == 0
+    assert _convert(tmp_path / "a.npz", tmp_path / "conv", *FLAGS["m2d"]) == 0  # the same
+    assert "nothing to do" in capsys.readouterr().out
+    assert _convert(tmp_path / "b.npz", tmp_path / "conv", "--num_heads", "4") == 2
+    assert "already holds weights converted from" in capsys.readouterr().err
+    from tests.test_training import micro_config
+    trainer.train(micro_config(synthetic_small[0], total_steps=2), str(tmp_path / "run"),
+                  progress=False)
+    assert _convert(tmp_path / "a.npz", tmp_path / "run", *FLAGS["m2d"]) == 2
+    assert "already holds a training run (m2d, step 2)" in capsys.readouterr().err
+    # and training in the converted workdir points to init_from instead of resuming
+    cfg = micro_config(synthetic_small[0], total_steps=2)
+    with pytest.raises(checkpointing.CheckpointMismatchError, match="config.init_from="):
+        trainer.train(cfg, str(tmp_path / "conv"), progress=False)
+
+
+def test_sizes_from_their_folder_name_and_args():
+    name = "/x/m2d_vit_base-80x608p16x16-221006-mr7/checkpoint-300.pth"
+    assert convert.sizes_from_name(name) == ((80, 608), (16, 16), 0.7)
+    assert convert.sizes_from_name("/x/m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025/c.pth") \
+        == ((80, 1001), (16, 16), None)
+    assert convert.sizes_from_name("/x/run/checkpoint.pth") == (None, None, None)
+    d, depth, heads = 768, 2, 12
+    sd = {"patch_embed.proj.weight": np.zeros((d, 1, 16, 16), np.float32),
+          **{f"blocks.{i}.mlp.fc1.weight": np.zeros((4 * d, d), np.float32)
+             for i in range(depth)}}
+    s = convert.infer_sizes(sd, path=name)
+    assert (s.size, s.input_shape, s.mask_ratio, s.objective) == \
+        (f"{d}x{depth}x{heads}", (80, 608), 0.7, "encoder")
+    s = convert.infer_sizes(sd, path=name, args=dict(input_size=[80, 208], num_heads=6))
+    assert (s.input_shape, s.heads, s.sources["input_shape"]) == ((80, 208), 6,
+                                                                    "args.input_size")
+    s = convert.infer_sizes(sd, path=name, input_shape=(80, 400), num_heads=8)
+    assert (s.input_shape, s.heads) == ((80, 400), 8)
+    with pytest.raises(convert.ConversionError, match="patches of"):
+        convert.infer_sizes(sd, args=dict(patch_size=[16, 8], input_size="80x608"))
+    with pytest.raises(convert.ConversionError, match="cannot tell the input size"):
+        convert.infer_sizes(sd)
+    with pytest.raises(convert.ConversionError, match="does not divide"):
+        convert.infer_sizes(sd, path=name, num_heads=7)
+
+
+def test_safetensors_with_args_in_metadata(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    z, weights = _fixture("msm_mae")
+    args = dict(input_size=[80, 208], num_heads=4, decoder_num_heads=2)
+    safetensors_numpy.save_file({f"module.{k}": v for k, v in weights.items()},
+                                str(tmp_path / "msm.safetensors"),
+                                metadata={"args": json.dumps(args)})
+    assert _convert(tmp_path / "msm.safetensors", tmp_path / "run") == 0
+    r = json.load(open(tmp_path / "run" / "conversion.json"))
+    assert (r["objective"], r["size"], r["decoder"]["heads"]) == ("msm_mae", "64x2x4", 2)
+    assert r["sources"]["heads"] == "args" and r["sources"]["input_shape"] == "args.input_size"
+    assert any("class default" in n for n in r["notes"])   # their MSM-MAE norm_stats
+
+
+def test_pth_as_the_authors_save_it(tmp_path):
+    """{'model': state_dict, 'args': Namespace, 'epoch', ...} in a folder named their way."""
+    torch = pytest.importorskip("torch", reason="reading .pth needs PyTorch ('make test' "
+                                "installs it where a local CPU wheel exists)")
+    z, weights = _fixture("m2d")
+    folder = tmp_path / "m2d_vit_tiny-80x208p16x16-test-mr7"
+    folder.mkdir()
+    torch.save(dict(model={k: torch.from_numpy(v) for k, v in weights.items()},
+                    args=argparse.Namespace(num_heads=4, decoder_num_heads=4, batch_size=8),
+                    epoch=3), folder / "checkpoint-3.pth")
+    assert _convert(folder / "checkpoint-3.pth", tmp_path / "run") == 0
+    r = json.load(open(tmp_path / "run" / "conversion.json"))
+    assert r["sources"]["input_shape"] == "the folder name" and r["mask_ratio"] == 0.7
+    assert r["args"]["batch_size"] == 8
+    emb = Embedder.from_workdir(str(tmp_path / "run"))
+    np.testing.assert_allclose(emb.time_features(z["portable/lms_raw"][0, 0]),
+                               z["portable/features"][0], atol=2e-4)
+
+
+def test_pth_without_torch_says_which_extra(tmp_path, monkeypatch):
+    (tmp_path / "c.pth").write_bytes(b"x")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(convert.ConversionError, match=r"pip install 'dwm_jax\[torch\]'"):
+        convert.read_checkpoint(str(tmp_path / "c.pth"))
+
+
+def test_numpy_forward_matches_our_encoder_on_other_shapes():
+    """The float64 check is itself right: our encoder (random weights, 8 x 16 patches, MLP
+    ratio 2) written in their layout and run by it."""
+    size = vit.ViTSize(32, 2, 2, 2.0)
+    enc = vit.Encoder(size, input_shape=(64, 96), patch_size=(8, 16), rngs=nnx.Rngs(3))
+    params = {"encoder": nnx.to_pure_dict(nnx.state(enc, nnx.Param))}
+    sd = convert.to_torch(params, None, "encoder", (8, 16))
+    x = np.random.default_rng(1).standard_normal((2, 64, 96)).astype(np.float32)
+    positions = np.concatenate([np.zeros((1, 32)), vit.sincos_2d(32, enc.grid)])
+    theirs = convert.numpy_forward(sd, x, num_heads=2, positions=positions)
+    np.testing.assert_allclose(np.asarray(enc(jnp.asarray(x))), theirs, atol=2e-5, rtol=1e-4)
+
+
+def _encoder_source(tmp_path):
+    _, weights = _fixture("m2d")
+    np.savez(tmp_path / "enc.npz", **_encoder_only(weights))
+    assert _convert(tmp_path / "enc.npz", tmp_path / "enc", "--num_heads", "4") == 0
+    return str(tmp_path / "enc")
+
+
+def test_init_from_an_encoder_only_checkpoint_trains_on(tmp_path, synthetic_small):
+    """Continued M2D pretraining from their encoder on our data (another crop length): the
+    run starts from it, the target from its blocks; a size with other heads is refused."""
+    from tests.test_training import micro_config
+    source = _encoder_source(tmp_path)
+    cfg = micro_config(synthetic_small[0], total_steps=2, init_from=source)
+    cfg.model.size = "64x2x4"
+    setup = trainer.make_setup(cfg, 1, 2)
+    shardings = sharding.state_shardings(trainer.abstract_state(setup, 0), sharding.make_mesh(1))
+    state = jax.jit(lambda: trainer.init_state(setup, 0), out_shardings=shardings)()
+    state, notes = pretrained.start_from(source, state, shardings, cfg)
+    assert "predictor: fresh (the source has none)" in notes
+    assert "target from the source's encoder" in notes
+    theirs = pretrained.read_weights(source).params["encoder"]
+    jax.tree.map(np.testing.assert_array_equal, state["params"]["encoder"], theirs)
+    jax.tree.map(np.testing.assert_array_equal, state["target"]["blocks"], theirs["blocks"])
+    summary = trainer.train(cfg, str(tmp_path / "run"), progress=False)
+    assert summary["final_step"] == 2
+    cfg.model.size = "micro"   # 64 wide, 2 blocks, but 2 heads
+    with pytest.raises(validation.ConfigError, match="4 heads"):
+        trainer.train(cfg, str(tmp_path / "run2"), progress=False)
+    cfg.model.size, cfg.init_from = "64x2x4", str(tmp_path / "nowhere")
+    with pytest.raises(validation.ConfigError, match="config.init_from=.*no checkpoints"):
+        trainer.train(cfg, str(tmp_path / "run3"), progress=False)
+
+
+def test_init_from_our_own_run_takes_everything(tmp_path, synthetic_small):
+    from tests.test_training import micro_config
+    cfg = micro_config(synthetic_small[0], total_steps=2)
+    trainer.train(cfg, str(tmp_path / "a"), progress=False)
+    source = pretrained.read_weights(str(tmp_path / "a"))
+    assert set(source.params) == {"encoder", "predictor"}   # no optimizer state was read
+    cfg.init_from = str(tmp_path / "a")
+    setup = trainer.make_setup(cfg, 1, 2)
+    shardings = sharding.state_shardings(trainer.abstract_state(setup, 0), sharding.make_mesh(1))
+    state = jax.jit(lambda: trainer.init_state(setup, 0), out_shardings=shardings)()
+    state, notes = pretrained.start_from(cfg.init_from, state, shardings, cfg)
+    assert notes[1:] == ["predictor from the source", "target from the source's target"]
+    jax.tree.map(np.testing.assert_array_equal, (state["params"], state["target"]),
+                 (source.params, source.target))
