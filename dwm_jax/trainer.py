@@ -6,7 +6,11 @@ mesh by ``sharding.state_shardings``. The step samples the mask inside the jit (
 same normalised tensor as the patch embedding; SGIM gets features from a no-gradient pass of
 the current encoder), takes an AdamW step with clipping and updates the EMA. The loop feeds
 per-host batches as global arrays, logs, checkpoints at an interval and on SIGTERM, resumes
-from the latest checkpoint and stops on a non-finite loss or gradient.
+from the latest checkpoint and stops on a non-finite loss or gradient. Metrics stay on the
+device between log steps (no host sync per step): they are fetched, and checked for NaN / inf
+naming the first bad step, at each log step and before each save, so a bad state is never
+saved. Each log row has ``step_ms`` (wall time per step over the interval), ``input_wait_ms``
+(time per step the loop waited for the next batch) and ``examples_per_s``.
 """
 
 from __future__ import annotations
@@ -470,27 +474,46 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     summary: dict = dict(workdir=workdir, start_step=start, total_steps=total_steps)
     try:
         step = start
+        pending: list = []    # (step, metrics on the device) not yet checked on the host
+        waited = 0.0          # seconds spent waiting for input since the last log
+
+        def check_finite():
+            """Fetches the pending steps' metrics (the only host sync of the loop) and stops
+            at the first non-finite one. Runs at log steps and before every save."""
+            fetched = jax.device_get(pending)
+            pending.clear()
+            for at, m in fetched:
+                if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+                    ckpt.wait()
+                    raise NonFiniteError(
+                        f"non-finite training at step {at}: loss={m['loss']}, "
+                        f"grad_norm={m['grad_norm']}. Nothing was saved from this step on; the "
+                        f"last good checkpoint is step {ckpt.latest_step()} in "
+                        f"{ckpt.directory}.")
+            return fetched[-1][1] if fetched else None
+
         while step < total_steps:
+            t_input = time.perf_counter()
             batch = next(data_iter)
             x = sharding.global_batch_array(batch["log_mel"], mesh)
-            state, metrics = step_fn(state, x)
+            waited += time.perf_counter() - t_input
+            state, metrics = step_fn(state, x)   # dispatched; runs while the host goes on
             step += 1
-            m = jax.device_get(metrics)
-            if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
-                ckpt.wait()
-                raise NonFiniteError(
-                    f"non-finite training at step {step}: loss={m['loss']}, "
-                    f"grad_norm={m['grad_norm']}. Nothing was saved from this step; the last "
-                    f"good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.")
+            pending.append((step, metrics))
             ckpt.check()  # a failed asynchronous save stops the run here, not later
+            log_now = step % cfg.log_every == 0 or step == total_steps
             if step % cfg.ckpt_every == 0:
+                m = check_finite()
                 ckpt.save(step, state, data_iter, meta)
-            if step % cfg.log_every == 0 or step == total_steps:
+            if log_now:
+                m = check_finite() or m
                 now = time.perf_counter()
+                steps = step - last["step"]
                 scalars = {k: float(v) for k, v in m.items()}
                 scalars["epoch"] = step / steps_per_epoch
-                scalars["examples_per_s"] = (step - last["step"]) * cfg.batch_size / (
-                    now - last["time"])
+                scalars["examples_per_s"] = steps * cfg.batch_size / (now - last["time"])
+                scalars["step_ms"] = (now - last["time"]) / steps * 1e3
+                scalars["input_wait_ms"] = waited / steps * 1e3
                 key = jax.random.key(step)
                 jax.block_until_ready(mask_fn(state["params"], key, x))  # compiled, warm
                 t0 = time.perf_counter()
@@ -501,12 +524,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                 writers.write(step, scalars)
                 summary["last_metrics"] = scalars
                 last = dict(step=step, time=time.perf_counter())
+                waited = 0.0
                 if bar is not None:
                     bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
             if bar is not None:
                 bar.update(1)
             if preempt.stop_now():
                 if ckpt.latest_step() != step:
+                    check_finite()
                     ckpt.save(step, state, data_iter, meta)
                 ckpt.wait()
                 summary["preempted_at"] = step
@@ -514,6 +539,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                 break
         else:
             if ckpt.latest_step() != total_steps:
+                check_finite()
                 ckpt.save(total_steps, state, data_iter, meta)
         ckpt.wait()
     finally:

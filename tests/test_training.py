@@ -211,6 +211,29 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_smal
     assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
 
 
+def test_non_finite_check_between_log_steps_names_the_first_bad_step(synthetic_small,
+                                                                     tmp_path, monkeypatch):
+    """Metrics reach the host only at log steps and before saves: a NaN at step 6 with logs
+    every 5 and saves every 4 is caught before step 8 is saved, naming step 6."""
+    calls = [0]
+    original = sharding.global_batch_array
+
+    def poisoned(local, mesh):
+        calls[0] += 1
+        return original(np.full_like(local, np.nan) if calls[0] == 6 else local, mesh)
+
+    monkeypatch.setattr(sharding, "global_batch_array", poisoned)
+    cfg = micro_config(synthetic_small[0], log_every=5)
+    with pytest.raises(trainer.NonFiniteError, match=r"step 6: loss=nan.*last good checkpoint "
+                                                     r"is step 4"):
+        trainer.train(cfg, str(tmp_path), progress=False)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [5]
+    assert 0 <= rows[0]["input_wait_ms"] < rows[0]["step_ms"]
+    assert rows[0]["examples_per_s"] > 0
+
+
 def test_checkpoint_of_another_model_fails_clearly(synthetic_small, tmp_path):
     trainer.train(micro_config(synthetic_small[0], total_steps=4), str(tmp_path),
                   progress=False)

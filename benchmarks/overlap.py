@@ -1,0 +1,72 @@
+"""Does input overlap with compute? The loop's time per step with a slowed loader.
+
+  python benchmarks/overlap.py [--data_dir data] [--steps 40]
+
+Runs the training loop (the demo's model and data) three times: as it is, and with the input
+path slowed by a sleep about as long as one step (and twice as long). Without overlap the
+time per step is the step plus the delay; with it, close to the larger of the two. Prints
+``step_ms`` and ``input_wait_ms`` from metrics.jsonl (the mean over the logged intervals
+after the first, which includes compilation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run(cfg, delay_s: float) -> tuple[float, float]:
+    from dwm_jax import sharding, trainer
+
+    original = sharding.global_batch_array
+
+    def slowed(local, mesh):
+        time.sleep(delay_s)
+        return original(local, mesh)
+
+    sharding.global_batch_array = slowed
+    workdir = tempfile.mkdtemp()
+    try:
+        trainer.train(cfg, workdir, progress=False)
+        rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    finally:
+        sharding.global_batch_array = original
+        shutil.rmtree(workdir)
+    rows = rows[1:]  # the first interval holds the compilation
+    mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    return mean("step_ms"), mean("input_wait_ms")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data_dir", default="data")
+    ap.add_argument("--steps", type=int, default=40)
+    a = ap.parse_args()
+    from configs import demo
+
+    cfg = demo.get_config()
+    cfg.data.data_dir = a.data_dir
+    cfg.total_steps = a.steps
+    cfg.log_every = 10
+    cfg.ckpt_every = 10 * a.steps
+    base, wait = run(cfg, 0.0)
+    print(f"no delay: step {base:.1f} ms, input wait {wait:.1f} ms per step "
+          f"({100 * wait / base:.1f} % of the step)")
+    for factor in (1.0, 2.0):
+        delay = factor * base / 1e3
+        step, wait = run(cfg, delay)
+        print(f"input slowed by {delay * 1e3:.0f} ms: step {step:.1f} ms (sum would be "
+              f"{base + delay * 1e3:.0f}, max {max(base, delay * 1e3):.0f}), input wait "
+              f"{wait:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
