@@ -90,7 +90,8 @@ def tree_signature(tree) -> dict[str, list]:
     return out
 
 
-def _differences(stored: dict, wanted: dict, limit: int = 6) -> list[str]:
+def signature_differences(stored: dict, wanted: dict, limit: int = 6) -> list[str]:
+    """'path: checkpoint X, this run Y' for each leaf where two tree_signatures differ."""
     diffs = []
     for k in sorted(set(stored) | set(wanted)):
         if stored.get(k) != wanted.get(k):
@@ -103,7 +104,7 @@ def check_signature(stored: dict, meta: dict, where: str):
     """Raises CheckpointMismatchError, listing the differences, unless a checkpoint's stored
     meta describes a state of the same shapes as this run's ``meta``."""
     if stored.get("signature") != meta["signature"]:
-        diffs = "; ".join(_differences(stored.get("signature", {}), meta["signature"]))
+        diffs = "; ".join(signature_differences(stored.get("signature", {}), meta["signature"]))
         raise CheckpointMismatchError(f"{where} holds a state of another shape: {diffs}")
 
 

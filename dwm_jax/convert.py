@@ -602,7 +602,7 @@ def convert(path: str, workdir: str, *, num_heads=None, decoder_num_heads=None,
                                 target=trees.pop("target") if sizes.objective == "m2d" else {}))
     want = dict(params={k: v for k, v in abstract["params"].items() if k in state["params"]},
                 target=abstract["target"] if state["target"] else {})
-    diffs = checkpointing._differences(checkpointing.tree_signature(state),
+    diffs = checkpointing.signature_differences(checkpointing.tree_signature(state),
                                        checkpointing.tree_signature(want))
     if diffs:
         raise ConversionError(f"the converted arrays do not fit a {sizes.size} model: "
@@ -612,7 +612,7 @@ def convert(path: str, workdir: str, *, num_heads=None, decoder_num_heads=None,
     if check:  # our encoder against a float64 NumPy forward of their tensors
         x = np.random.default_rng(0).standard_normal((1, *sizes.input_shape), np.float32)
         theirs = numpy_forward(state_dict, x, sizes.heads)
-        encoder = pretrained._abstract_objective(cfg).encoder
+        encoder = pretrained.abstract_objective(cfg).encoder
         from flax import nnx
         graphdef, _ = nnx.split(encoder, nnx.Param)
         ours = np.asarray(nnx.merge(graphdef, state["params"]["encoder"])(x), np.float64)

@@ -43,12 +43,9 @@ class Weights:
     step: int
     workdir: str
 
-    @property
-    def converted_from(self) -> dict | None:
-        return self.meta.get("converted_from")
 
-
-def _abstract_objective(cfg):
+def abstract_objective(cfg):
+    """The objective module a config describes, as shapes only (nothing allocated)."""
     from dwm_jax import trainer  # builds the module a config describes
     return nnx.eval_shape(lambda: trainer.build_objective(cfg, nnx.Rngs(0)))
 
@@ -92,7 +89,7 @@ def read_weights(workdir: str, step: int | None = None,
         subset = _select(abstract, lambda path: path in have) or {}
         wanted = checkpointing.tree_signature(subset)
         if wanted != have:
-            diffs = "; ".join(checkpointing._differences(have, wanted))
+            diffs = "; ".join(checkpointing.signature_differences(have, wanted))
             raise checkpointing.CheckpointMismatchError(
                 f"{ckpt.directory}/{step}: the stored arrays do not match its own config "
                 f"({diffs})")
@@ -113,7 +110,7 @@ def load_encoder(workdir: str, step: int | None = None):
     if "encoder" not in w.params:
         raise checkpointing.CheckpointMismatchError(
             f"{workdir}: checkpoint {w.step} holds no encoder parameters")
-    abstract = _abstract_objective(ml_collections.ConfigDict(w.config)).encoder
+    abstract = abstract_objective(ml_collections.ConfigDict(w.config)).encoder
     graphdef, _ = nnx.split(abstract, nnx.Param)
     return nnx.merge(graphdef, w.params["encoder"]), w.norm_stats, w.config
 
@@ -122,7 +119,7 @@ def load_encoder(workdir: str, step: int | None = None):
 
 def _same_shapes(a, b) -> list[str]:
     sa, sb = checkpointing.tree_signature(a), checkpointing.tree_signature(b)
-    return checkpointing._differences(sa, sb, limit=3)
+    return checkpointing.signature_differences(sa, sb, limit=3)
 
 
 def _heads(config: dict) -> tuple[int, int | None]:
