@@ -2,8 +2,8 @@
 
   python benchmarks/overlap.py [--data_dir data] [--steps 40]
 
-Runs the training loop (the demo's model and data) three times: as it is, and with the input
-path slowed by a sleep about as long as one step (and twice as long). Without overlap the
+Runs the training loop (the demo's model and data) three times per prefetch setting: as it
+is, and with the input path slowed by a sleep about as long as one step (and twice as long). Without overlap the
 time per step is the step plus the delay; with it, close to the larger of the two. Prints
 ``step_ms`` and ``input_wait_ms`` from metrics.jsonl (the mean over the logged intervals
 after the first, which includes compilation).
@@ -49,6 +49,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data_dir", default="data")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--prefetch", type=int, nargs="+", default=[0, 2],
+                    help="config.data.prefetch values to compare (0: read on demand)")
     a = ap.parse_args()
     from configs import demo
 
@@ -57,15 +59,17 @@ def main():
     cfg.total_steps = a.steps
     cfg.log_every = 10
     cfg.ckpt_every = 10 * a.steps
-    base, wait = run(cfg, 0.0)
-    print(f"no delay: step {base:.1f} ms, input wait {wait:.1f} ms per step "
-          f"({100 * wait / base:.1f} % of the step)")
-    for factor in (1.0, 2.0):
-        delay = factor * base / 1e3
-        step, wait = run(cfg, delay)
-        print(f"input slowed by {delay * 1e3:.0f} ms: step {step:.1f} ms (sum would be "
-              f"{base + delay * 1e3:.0f}, max {max(base, delay * 1e3):.0f}), input wait "
-              f"{wait:.1f} ms")
+    for prefetch in a.prefetch:
+        cfg.data.prefetch = prefetch
+        base, wait = run(cfg, 0.0)
+        print(f"prefetch {prefetch}, no delay: step {base:.1f} ms, input wait {wait:.1f} ms "
+              f"per step ({100 * wait / base:.1f} % of the step)")
+        for factor in (1.0, 2.0):
+            delay = factor * base / 1e3
+            step, wait = run(cfg, delay)
+            print(f"prefetch {prefetch}, input slowed by {delay * 1e3:.0f} ms: step "
+                  f"{step:.1f} ms (sum would be {base + delay * 1e3:.0f}, max "
+                  f"{max(base, delay * 1e3):.0f}), input wait {wait:.1f} ms")
 
 
 if __name__ == "__main__":

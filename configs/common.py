@@ -26,7 +26,8 @@ def base(objective: str = "m2d", masker: str = "dispersion") -> ml_collections.C
 
     c.data = ml_collections.ConfigDict(dict(
         data_dir="data", name="audio_folder/audioset", split="train", build_if_missing=False,
-        worker_count=8))
+        worker_count=8,
+        prefetch=2))                   # batches placed on the devices ahead of the step
 
     c.model = ml_collections.ConfigDict(dict(
         size="base", input_shape=tuple(mask.input_shape), patch_size=tuple(mask.patch_size),

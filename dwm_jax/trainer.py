@@ -244,7 +244,7 @@ def _open_data(cfg):
 # Config fields a resumed run may change: how the run is observed, saved and placed, not what
 # it computes. Any other difference from the checkpoint's config is refused.
 RESUMABLE_FIELDS = ("log_every", "log_data_fingerprint", "ckpt_every", "keep_ckpts",
-                    "num_devices", "fsdp", "data.data_dir", "data.worker_count",
+                    "num_devices", "fsdp", "data.data_dir", "data.worker_count", "data.prefetch",
                     "data.build_if_missing", "probe.")
 
 
@@ -409,7 +409,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     loader = data_lib.train_loader(split, batch_size=local_batch,
                                    frames=cfg.model.input_shape[1], stats=stats, seed=cfg.seed,
                                    worker_count=cfg.data.worker_count)
-    data_iter = iter(loader)
+    # batches read and placed on the devices ahead of the step; its saved state is that of
+    # the batches trained on, so a resumed run reads the same ones
+    inputs = data_lib.DevicePrefetcher(
+        iter(loader), lambda batch: sharding.global_batch_array(batch["log_mel"], mesh),
+        size=cfg.data.get("prefetch", 2))
 
     # --- model, optimizer, shardings
     setup = make_setup(cfg, steps_per_epoch, total_steps)
@@ -442,7 +446,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     had_checkpoints = ckpt.latest_step() is not None
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-    found = ckpt.restore_intact(target, data_iter, check=check, warn=log.error)
+    found = ckpt.restore_intact(target, inputs, check=check, warn=log.error)
     if had_checkpoints and found is None:
         raise checkpointing.CheckpointDamagedError(
             f"no intact checkpoint under {ckpt.directory} (the damaged ones were moved to "
@@ -494,8 +498,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
 
         while step < total_steps:
             t_input = time.perf_counter()
-            batch = next(data_iter)
-            x = sharding.global_batch_array(batch["log_mel"], mesh)
+            x, batch = next(inputs)
             waited += time.perf_counter() - t_input
             state, metrics = step_fn(state, x)   # dispatched; runs while the host goes on
             step += 1
@@ -504,7 +507,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
             log_now = step % cfg.log_every == 0 or step == total_steps
             if step % cfg.ckpt_every == 0:
                 m = check_finite()
-                ckpt.save(step, state, data_iter, meta)
+                ckpt.save(step, state, inputs, meta)
             if log_now:
                 m = check_finite() or m
                 now = time.perf_counter()
@@ -532,7 +535,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
             if preempt.stop_now():
                 if ckpt.latest_step() != step:
                     check_finite()
-                    ckpt.save(step, state, data_iter, meta)
+                    ckpt.save(step, state, inputs, meta)
                 ckpt.wait()
                 summary["preempted_at"] = step
                 log.warning("SIGTERM: saved step %d to %s and stopped", step, ckpt.directory)
@@ -540,7 +543,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
         else:
             if ckpt.latest_step() != total_steps:
                 check_finite()
-                ckpt.save(total_steps, state, data_iter, meta)
+                ckpt.save(total_steps, state, inputs, meta)
         ckpt.wait()
     finally:
         preempt.restore()
@@ -548,7 +551,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
             bar.close()
         writers.close()
         ckpt.close()
-        del data_iter
+        inputs.close()
     summary["final_step"] = int(jax.device_get(state["step"]))
     summary["checkpoint_dir"] = ckpt.directory
     summary["state"] = state

@@ -93,6 +93,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "data.split": _string,
     "data.build_if_missing": _boolean,
     "data.worker_count": _integer(0),
+    "data.prefetch": _integer(0),
     "model.size": _size,
     "model.input_shape": _pair,
     "model.patch_size": _pair,

@@ -122,6 +122,50 @@ def test_iterator_state_restores_the_same_batches(train, workers):
     del it, resumed
 
 
+@pytest.mark.parametrize("size", [0, 3])
+def test_device_prefetcher_state_is_that_of_the_batches_handed_out(train, size):
+    """Read ahead by ``size`` batches, the prefetcher's state still resumes right after the
+    last batch it handed out; set_state mid-stream drops what was read ahead; the end of
+    the data and errors reach the consumer."""
+    import jax
+    kw = dict(batch_size=8, frames=64, stats=train.norm_stats(), seed=5, shard_index=0,
+              shard_count=1, keep_filename=True, num_epochs=2)
+    placed = []
+    prefetcher = data.DevicePrefetcher(iter(data.train_loader(train, **kw)),
+                                       lambda b: placed.append(1) or jax.device_put(b["log_mel"]),
+                                       size=size)
+    for _ in range(5):
+        x, batch = next(prefetcher)
+        np.testing.assert_array_equal(np.asarray(x), batch["log_mel"])
+    state = prefetcher.get_state()
+    want = [next(prefetcher)[1]["filename"] for _ in range(3)]
+    if size:   # it reads ahead: size batches beyond the 8 handed out (+1 in its hands)
+        import time
+        for _ in range(200):
+            if len(placed) >= 8 + size:
+                break
+            time.sleep(0.05)
+        assert len(placed) >= 8 + size
+    plain = iter(data.train_loader(train, **kw))
+    plain.set_state(state)
+    assert [next(plain)["filename"].tolist() for _ in range(3)] == [w.tolist() for w in want]
+    prefetcher.set_state(state)   # back in time: what was read ahead is dropped
+    assert [next(prefetcher)[1]["filename"].tolist() for _ in range(3)] == \
+        [w.tolist() for w in want]
+    rest = list(itertools.islice(prefetcher, 100))   # 2 epochs of 12 batches, then the end
+    assert len(rest) == 24 - 8
+    with pytest.raises(StopIteration):
+        next(prefetcher)
+    prefetcher.close()
+
+    def broken(batch):
+        raise OSError("device full")
+    failing = data.DevicePrefetcher(iter(data.train_loader(train, **kw)), broken, size=size)
+    with pytest.raises(OSError, match="device full"):
+        next(failing)
+    failing.close()
+
+
 def test_whole_clips_and_eval_crops(synthetic_small):
     valid = data.open_split(synthetic_small[0], NAME, "valid")
     stats = valid.norm_stats(["train"])

@@ -132,13 +132,16 @@ CHILD = textwrap.dedent("""
     from tests.test_training import micro_config
     cfg = micro_config({data_dir!r})
     calls = [0]
-    original = sharding.global_batch_array
-    def counting(local, mesh):
-        calls[0] += 1
-        if calls[0] == {at_call}:
-            os.kill(os.getpid(), getattr(signal, {sig!r}))
-        return original(local, mesh)
-    sharding.global_batch_array = counting
+    original = trainer.jit_train_step
+    def counting(*args, **kwargs):  # the signal arrives as step {at_call} is dispatched
+        step_fn = original(*args, **kwargs)
+        def step(state, x):
+            calls[0] += 1
+            if calls[0] == {at_call}:
+                os.kill(os.getpid(), getattr(signal, {sig!r}))
+            return step_fn(state, x)
+        return step
+    trainer.jit_train_step = counting
     summary = trainer.train(cfg, {workdir!r}, progress=False)
     print("summary", summary.get("preempted_at"), summary["final_step"])
 """)

@@ -3,7 +3,8 @@ log-mel spectrograms, and Grain loaders that read them without TensorFlow.
 
   cli.py        the ``python -m dwm_jax.data`` CLI
   builders.py   the TFDS builders, presets, build-time statistics, build()
-  pipeline.py   open_split, train_loader, eval_loader, whole_clips, NormStats
+  pipeline.py   open_split, train_loader, eval_loader, whole_clips, NormStats,
+                DevicePrefetcher
   synthetic.py  the procedural sound classes
 """
 
@@ -13,11 +14,11 @@ require("data", "tensorflow_datasets", "grain", "librosa", "soundfile")
 
 from dwm_jax.data.builders import (AudioFolderConfig, BuildError, SyntheticSoundsConfig,
                                    audio_folder_config, build)
-from dwm_jax.data.pipeline import (DatasetSplit, NormStats, dataset_dir,
+from dwm_jax.data.pipeline import (DatasetSplit, DevicePrefetcher, NormStats, dataset_dir,
                                    dataset_fingerprint, eval_loader, open_split,
                                    train_loader, whole_clips)
 
 __all__ = ["build", "AudioFolderConfig", "BuildError", "SyntheticSoundsConfig",
            "audio_folder_config", "DatasetSplit", "NormStats", "dataset_dir", "dataset_fingerprint",
            "eval_loader", "open_split",
-           "train_loader", "whole_clips"]
+           "train_loader", "whole_clips", "DevicePrefetcher"]

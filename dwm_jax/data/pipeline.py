@@ -6,7 +6,8 @@ of a split, shuffled by seed and epoch, randomly cropped (or padded) to the mode
 count, normalised and batched, with worker prefetch; its iterator's state can be saved and
 restored (``iterator.get_state()`` / ``set_state``, or Orbax through grain.checkpoint) so a
 resumed run reads the same batches. ``eval_loader`` reads deterministic crops once;
-``whole_clips`` yields uncropped clips for clip-level evaluation.
+``whole_clips`` yields uncropped clips for clip-level evaluation. ``DevicePrefetcher`` reads
+and places the next training batches on the devices while a step runs.
 """
 
 from __future__ import annotations
@@ -240,3 +241,88 @@ def whole_clips(split: DatasetSplit, stats: NormStats, *, shard_index: int = 0,
         if "label" in element:
             out["label"] = np.int32(element["label"])
         yield out
+
+
+class DevicePrefetcher:
+    """Reads the next ``size`` batches in a background thread and places them on the devices
+    (``place``: host batch -> device array) while the current step runs.
+
+    ``next(p)`` -> (placed array, host batch). ``get_state()`` / ``set_state()`` are those of
+    the wrapped Grain iterator *as of the last batch handed out*, not of the batches read
+    ahead, so a checkpoint saved through it (grain.checkpoint) resumes exactly where the
+    trained steps ended. The thread starts at the first ``next``; errors in it (including
+    the end of the data) are raised by ``next``. ``size=0``: no thread, each batch is read
+    and placed when asked for.
+    """
+
+    _END = object()
+
+    def __init__(self, iterator, place, size: int = 2):
+        import queue
+
+        if size < 0:
+            raise ValueError(f"prefetch size must be >= 0; got {size}")
+        self._iterator, self._place, self._size = iterator, place, size
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max(size, 1))
+        self._state = iterator.get_state()
+        self._thread = None
+        self._stop = False
+
+    def _run(self):
+        try:
+            while not self._stop:
+                batch = next(self._iterator)
+                item = (self._place(batch), batch, self._iterator.get_state())
+                while not self._stop:  # put, but give up when asked to stop
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except Exception:  # queue.Full
+                        continue
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._queue.put((self._END, e, None))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        import threading
+
+        if self._size == 0:
+            batch = next(self._iterator)
+            self._state = self._iterator.get_state()
+            return self._place(batch), batch
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="device-prefetch",
+                                            daemon=True)
+            self._thread.start()
+        placed, batch, state = self._queue.get()
+        if placed is self._END:
+            self._thread = None
+            raise batch
+        self._state = state
+        return placed, batch
+
+    def close(self):
+        """Stops the thread; batches read ahead are dropped (the state is unaffected)."""
+        import queue
+
+        self._stop = True
+        while self._thread is not None and self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._thread, self._stop = None, False
+        self._queue = queue.Queue(maxsize=max(self._size, 1))
+
+    def get_state(self):
+        return self._state
+
+    def set_state(self, state):
+        self.close()
+        self._iterator.set_state(state)
+        self._state = state
+
+    def start_prefetch(self):  # grain.checkpoint's restore calls it; ours starts lazily
+        pass
