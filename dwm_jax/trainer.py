@@ -430,7 +430,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                 dataset=dict(name=cfg.data.name, split=cfg.data.split, clips=len(split),
                              fingerprint=data_lib.dataset_fingerprint(cfg.data.data_dir,
                                                                       cfg.data.name)),
-                steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                processes=jax.process_count())
     changes = []
 
     def check(step, stored):  # before a checkpoint's state is read: is it this run's?
@@ -440,6 +441,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                 f"{workdir} holds weights converted from "
                 f"{stored['converted_from'].get('file')}, not a training run; to pretrain "
                 f"from them, start a run in another workdir with --config.init_from={workdir}")
+        written_by = stored.get("processes", 1)
+        if written_by != jax.process_count():
+            raise checkpointing.CheckpointMismatchError(
+                f"{where} was written by {written_by} process(es) and this run has "
+                f"{jax.process_count()}: each host's data iterator state is saved per process, "
+                f"so the data order cannot resume exactly. Resume with {written_by} "
+                f"process(es), or start a new run in another workdir with "
+                f"--config.init_from={workdir} (the weights carry over; the optimizer, "
+                "schedule and data order start afresh).")
         changes[:] = check_resume(stored, meta, where)
         checkpointing.check_signature(stored, meta, where)  # and the state's shapes
 

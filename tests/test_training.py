@@ -237,6 +237,24 @@ def test_non_finite_check_between_log_steps_names_the_first_bad_step(synthetic_s
     assert rows[0]["examples_per_s"] > 0
 
 
+def test_resume_with_another_number_of_hosts_is_refused_and_says_what_to_do(synthetic_small,
+                                                                           tmp_path):
+    """A checkpoint written by 2 processes (its meta says so) is not resumed by 1: the data
+    iterator state is per host. It is refused with the way out, and left where it is."""
+    trainer.train(micro_config(synthetic_small[0], total_steps=4), str(tmp_path),
+                  progress=False)
+    path = tmp_path / "checkpoints" / "4" / "meta" / "metadata"
+    meta = json.load(open(path))
+    assert meta["processes"] == 1
+    meta["processes"] = 2
+    json.dump(meta, open(path, "w"))
+    with pytest.raises(checkpointing.CheckpointMismatchError,
+                       match=r"written by 2 process\(es\) and this run has 1.*init_from="):
+        trainer.train(micro_config(synthetic_small[0], total_steps=8), str(tmp_path),
+                      progress=False)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]  # not moved aside
+
+
 def test_checkpoint_of_another_model_fails_clearly(synthetic_small, tmp_path):
     trainer.train(micro_config(synthetic_small[0], total_steps=4), str(tmp_path),
                   progress=False)
