@@ -6,8 +6,9 @@
 
 Times the jitted step (masking included) on random input of the paper's shape 80 x 608, over
 all visible devices (data parallel), after a warm-up. FLOPs per step come from XLA's cost
-analysis of the compiled (per-device) step; MFU = FLOPs / step time / per-device peak. The peak is --peak_tflops, or
-for known GPUs their dense bf16 peak (H100 SXM 989, H200 989, A100 312 TFLOP/s).
+analysis of the compiled (per-device) step; MFU = FLOPs / step time / per-device peak. The
+peak is --peak_tflops, or for known accelerators their dense bf16 peak
+(dwm_jax/profiling.py: H100 SXM 989, H200 989, A100 312 TFLOP/s, TPU v4 275, ...).
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import common  # noqa: E402
-from dwm_jax import sharding, trainer  # noqa: E402
-
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+from dwm_jax import profiling, sharding, trainer  # noqa: E402
 
 
 def main():
@@ -58,9 +57,7 @@ def main():
     t0 = time.perf_counter()
     compiled = step.lower(state, x).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    flops = profiling.compiled_flops(compiled)
     for _ in range(3):
         state, m = step(state, x)
     jax.block_until_ready(m)
@@ -74,7 +71,7 @@ def main():
 
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", device.platform)
-    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), 0.0)
+    peak = args.peak_tflops or profiling.peak_tflops(device)
     print(f"device: {jax.device_count()} x {kind}; {args.objective} ViT-{args.size}, masker "
           f"{args.masker}, batch {args.batch}, {args.dtype}, fsdp={args.fsdp}")
     print(f"compile {compile_s:.1f} s; step {step_s * 1e3:.1f} ms (median of {args.steps}); "

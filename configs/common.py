@@ -56,6 +56,7 @@ def base(objective: str = "m2d", masker: str = "dispersion") -> ml_collections.C
         decay_tokens=True))            # timm's grouping: CLS and mask tokens are decayed too
 
     c.log_every = 50
+    c.profile_steps = ""               # 'A:B': a JAX profiler trace of steps A..B-1 in WORKDIR/profile
     c.log_data_fingerprint = False     # crc32 of each logged batch in metrics.jsonl
     c.ckpt_every = 1000                # steps
     c.keep_ckpts = 3

@@ -562,7 +562,7 @@ def convert(path: str, workdir: str, *, num_heads=None, decoder_num_heads=None,
     del raw
     sizes = infer_sizes(state_dict, path=path, args=args, num_heads=num_heads,
                         decoder_num_heads=decoder_num_heads, input_shape=input_shape)
-    grid = (sizes.input_shape[0] // sizes.patch_size[0], sizes.input_shape[1] // sizes.patch_size[1])
+    grid = tuple(n // p for n, p in zip(sizes.input_shape, sizes.patch_size))
     try:
         check_positions(state_dict, grid)
     except ValueError as e:
@@ -698,9 +698,10 @@ def main(argv=None) -> int:
     for note in r["notes"]:
         print(f"note: {note}")
     dec = r["decoder"]
+    head = "" if not dec else ", head " + "x".join(str(dec[k]) for k in ("dim", "depth", "heads"))
     print(f"converted {r['file']} ({r['objective']}, ViT {r['size']}, "
           f"{r['parameters'] / 1e6:.1f} M parameters"
-          f"{'' if not dec else ', head ' + 'x'.join(str(dec[k]) for k in ('dim', 'depth', 'heads'))}, "
+          f"{head}, "
           f"input {r['input_shape'][0]}x{r['input_shape'][1]}, "
           f"norm_stats {r['norm_stats'][0]:.4g}, {r['norm_stats'][1]:.4g} from "
           f"{r['norm_stats_from']})")

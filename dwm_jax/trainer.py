@@ -10,7 +10,9 @@ from the latest checkpoint and stops on a non-finite loss or gradient. Metrics s
 device between log steps (no host sync per step): they are fetched, and checked for NaN / inf
 naming the first bad step, at each log step and before each save, so a bad state is never
 saved. Each log row has ``step_ms`` (wall time per step over the interval), ``input_wait_ms``
-(time per step the loop waited for the next batch) and ``examples_per_s``.
+(time per step the loop waited for the next batch), ``examples_per_s``, the compiled step's
+``tflops_per_step`` (XLA cost analysis, per device) and, on accelerators of known peak, ``mfu``.
+``config.profile_steps='A:B'`` writes a profiler trace of steps A..B-1 to WORKDIR/profile.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dwm_jax import checkpointing, masking, objectives, sharding, validation
+from dwm_jax import checkpointing, masking, objectives, profiling, sharding, validation
 from dwm_jax import data as data_lib
 
 log = logging.getLogger(__name__)
@@ -244,8 +246,8 @@ def _open_data(cfg):
 # Config fields a resumed run may change: how the run is observed, saved and placed, not what
 # it computes. Any other difference from the checkpoint's config is refused.
 RESUMABLE_FIELDS = ("log_every", "log_data_fingerprint", "ckpt_every", "keep_ckpts",
-                    "num_devices", "fsdp", "data.data_dir", "data.worker_count", "data.prefetch",
-                    "data.build_if_missing", "probe.")
+                    "profile_steps", "num_devices", "fsdp", "data.data_dir",
+                    "data.worker_count", "data.prefetch", "data.build_if_missing", "probe.")
 
 
 def _flat(tree, prefix="") -> dict:
@@ -456,6 +458,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     had_checkpoints = ckpt.latest_step() is not None
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
+    # compiled ahead of the data, from shapes: the step's FLOPs (XLA cost analysis) for MFU
+    batch_shape = jax.ShapeDtypeStruct((cfg.batch_size, *cfg.model.input_shape), jnp.float32,
+                                       sharding=sharding.batch_sharding(mesh))
+    t_compile = time.perf_counter()
+    step_fn = step_fn.lower(target, batch_shape).compile()
+    summary: dict = dict(workdir=workdir, compile_s=time.perf_counter() - t_compile,
+                         flops_per_step=profiling.compiled_flops(step_fn))
     found = ckpt.restore_intact(target, inputs, check=check, warn=log.error)
     if had_checkpoints and found is None:
         raise checkpointing.CheckpointDamagedError(
@@ -485,7 +494,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
         bar = tqdm(total=total_steps, initial=start, desc="train", unit="step",
                    dynamic_ncols=True)
     last = dict(step=start, time=time.perf_counter())
-    summary: dict = dict(workdir=workdir, start_step=start, total_steps=total_steps)
+    summary.update(start_step=start, total_steps=total_steps)
+    profile = profiling.parse_steps(cfg.get("profile_steps", ""))
+    tracing = False
     try:
         step = start
         pending: list = []    # (step, metrics on the device) not yet checked on the host
@@ -507,11 +518,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
             return fetched[-1][1] if fetched else None
 
         while step < total_steps:
+            if profile and step == profile[0] and is_main:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                tracing = True
             t_input = time.perf_counter()
             x, batch = next(inputs)
             waited += time.perf_counter() - t_input
             state, metrics = step_fn(state, x)   # dispatched; runs while the host goes on
             step += 1
+            if tracing and step == profile[1]:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                tracing = False
             pending.append((step, metrics))
             ckpt.check()  # a failed asynchronous save stops the run here, not later
             log_now = step % cfg.log_every == 0 or step == total_steps
@@ -527,6 +545,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                 scalars["examples_per_s"] = steps * cfg.batch_size / (now - last["time"])
                 scalars["step_ms"] = (now - last["time"]) / steps * 1e3
                 scalars["input_wait_ms"] = waited / steps * 1e3
+                if summary["flops_per_step"]:
+                    scalars["tflops_per_step"] = summary["flops_per_step"] / 1e12
+                    util = profiling.mfu(summary["flops_per_step"], (now - last["time"]) / steps,
+                                         jax.local_devices()[0])
+                    if util is not None:
+                        scalars["mfu"] = util
                 key = jax.random.key(step)
                 jax.block_until_ready(mask_fn(state["params"], key, x))  # compiled, warm
                 t0 = time.perf_counter()
@@ -556,6 +580,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                 ckpt.save(total_steps, state, inputs, meta)
         ckpt.wait()
     finally:
+        if tracing:
+            jax.profiler.stop_trace()
         preempt.restore()
         if bar is not None:
             bar.close()

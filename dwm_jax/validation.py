@@ -75,6 +75,16 @@ def _size(v):
         return f"must be one of {list(vit.SIZES)} or 'DIMxDEPTHxHEADS[xMLP_RATIO]'"
 
 
+def _steps_range(v):
+    from dwm_jax import profiling
+    if not isinstance(v, str):
+        return "must be a string 'A:B' or ''"
+    try:
+        profiling.parse_steps(v)
+    except ValueError as e:
+        return str(e)
+
+
 def _free(v):  # checked by building what it describes
     if not isinstance(v, dict) and not hasattr(v, "to_dict"):
         return "must be a dict"
@@ -120,6 +130,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "optim.clip": _number(0.0, low_open=True),
     "optim.decay_tokens": _boolean,
     "log_every": _integer(1),
+    "profile_steps": _steps_range,
     "log_data_fingerprint": _boolean,
     "ckpt_every": _integer(1),
     "keep_ckpts": _integer(1),

@@ -77,7 +77,7 @@ EQUIVALENCE = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     sys.path.insert(0, {repo!r})
     import jax, numpy as np
-    from dwm_jax import sharding, trainer
+    from dwm_jax import data, trainer
     from tests.test_training import micro_config
     cfg = micro_config({data_dir!r}, {objective!r}, "dispersion")
     setup = trainer.make_setup(cfg, steps_per_epoch=2, total_steps=10)
@@ -128,20 +128,17 @@ def test_two_steps_on_8_devices_match_one_device(synthetic_small, tmp_path, obje
 CHILD = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})
-    from dwm_jax import sharding, trainer
+    from dwm_jax import data, trainer
     from tests.test_training import micro_config
     cfg = micro_config({data_dir!r})
     calls = [0]
-    original = trainer.jit_train_step
-    def counting(*args, **kwargs):  # the signal arrives as step {at_call} is dispatched
-        step_fn = original(*args, **kwargs)
-        def step(state, x):
-            calls[0] += 1
-            if calls[0] == {at_call}:
-                os.kill(os.getpid(), getattr(signal, {sig!r}))
-            return step_fn(state, x)
-        return step
-    trainer.jit_train_step = counting
+    original = data.DevicePrefetcher.__next__
+    def counting(self):  # the signal arrives as the batch of step {at_call} is handed out
+        calls[0] += 1
+        if calls[0] == {at_call}:
+            os.kill(os.getpid(), getattr(signal, {sig!r}))
+        return original(self)
+    data.DevicePrefetcher.__next__ = counting
     summary = trainer.train(cfg, {workdir!r}, progress=False)
     print("summary", summary.get("preempted_at"), summary["final_step"])
 """)
@@ -253,6 +250,25 @@ def test_resume_with_another_number_of_hosts_is_refused_and_says_what_to_do(synt
         trainer.train(micro_config(synthetic_small[0], total_steps=8), str(tmp_path),
                       progress=False)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]  # not moved aside
+
+
+def test_profile_trace_and_step_flops(synthetic_small, tmp_path):
+    """profile_steps='1:3' leaves a profiler trace in the workdir; every log row carries the
+    compiled step's FLOPs; MFU is left out on a CPU (no known peak)."""
+    cfg = micro_config(synthetic_small[0], total_steps=4, profile_steps="1:3")
+    summary = trainer.train(cfg, str(tmp_path), progress=False)
+    traces = [f for _, _, fs in os.walk(tmp_path / "profile") for f in fs]
+    assert any(f.endswith(".xplane.pb") for f in traces), traces
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert len(rows) == 4 and all(r["tflops_per_step"] > 0 for r in rows)
+    assert summary["flops_per_step"] == pytest.approx(rows[0]["tflops_per_step"] * 1e12)
+    assert "mfu" not in rows[0]
+    from dwm_jax import profiling
+
+    class H100:
+        device_kind, platform = "NVIDIA H100 80GB HBM3", "gpu"
+    assert profiling.mfu(989e12 / 4, 0.5, H100()) == pytest.approx(0.5)
+    assert profiling.mfu(1e12, 0.5, jax.devices()[0]) is None
 
 
 def test_checkpoint_of_another_model_fails_clearly(synthetic_small, tmp_path):

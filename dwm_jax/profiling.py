@@ -1,0 +1,61 @@
+"""Where a training step's time goes: FLOPs from XLA's cost analysis, the peak FLOP/s of
+known accelerators, model FLOPs utilisation (MFU), and profiler traces of chosen steps.
+
+    flops = compiled_flops(jitted.lower(*abstract_args).compile())   # per-device program
+    mfu(flops, step_seconds, jax.devices()[0])                        # None on CPU
+
+``config.profile_steps='A:B'`` makes the trainer write a JAX profiler trace of steps A..B-1
+into ``WORKDIR/profile`` (open with TensorBoard's profile plugin, or Perfetto).
+"""
+
+from __future__ import annotations
+
+import jax
+
+# Dense bfloat16 peak TFLOP/s per device (vendor figures, no sparsity), by a substring of
+# jax's device_kind. MFU is reported only for these; pass your own with --peak_tflops in
+# benchmarks/train.py.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0,
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
+    "TPU v6 lite": 918.0, "TPU v6e": 918.0,
+}
+
+
+def peak_tflops(device=None) -> float:
+    """The device's dense bf16 peak in TFLOP/s, or 0.0 when unknown (e.g. a CPU)."""
+    device = device or jax.devices()[0]
+    kind = getattr(device, "device_kind", device.platform)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), 0.0)
+
+
+def compiled_flops(compiled) -> float:
+    """FLOPs of one call of a compiled (per-device) program, from XLA's cost analysis;
+    0.0 when the backend gives none."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return 0.0
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def mfu(flops_per_step: float, step_seconds: float, device=None) -> float | None:
+    """Achieved / peak FLOP/s of one device, or None when the peak or the FLOPs are unknown."""
+    peak = peak_tflops(device)
+    if not peak or not flops_per_step or step_seconds <= 0:
+        return None
+    return flops_per_step / step_seconds / (peak * 1e12)
+
+
+def parse_steps(spec: str) -> tuple[int, int] | None:
+    """'A:B' (0 <= A < B) -> (A, B); '' -> None. ValueError otherwise."""
+    if not spec:
+        return None
+    try:
+        a, b = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"expected 'A:B' (steps A to B-1); got {spec!r}") from None
+    if not 0 <= a < b:
+        raise ValueError(f"expected 0 <= A < B; got {spec!r}")
+    return a, b
