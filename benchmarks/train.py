@@ -3,6 +3,7 @@
   python benchmarks/train.py                                  # ViT-B M2D, DWM, batch 256, bf16
   python benchmarks/train.py --batch 8 --size tiny            # something a CPU finishes
   python benchmarks/train.py --objective msm_mae --masker random --dtype float32
+  python benchmarks/train.py --remat full       # peak memory with rematerialised blocks
 
 Times the jitted step (masking included) on random input of the paper's shape 80 x 608, over
 all visible devices (data parallel), after a warm-up. FLOPs per step come from XLA's cost
@@ -38,12 +39,15 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--peak_tflops", type=float, default=0.0)
+    p.add_argument("--remat", default="none", help="config.model.remat policy")
+    p.add_argument("--attention", default="xla", help="config.model.attention")
     args = p.parse_args()
 
     cfg = common.base(args.objective, args.masker)
     cfg.batch_size = args.batch
     cfg.model.size = args.size
     cfg.model.compute_dtype = args.dtype
+    cfg.model.update(remat=args.remat, attention=args.attention)
     mesh = sharding.make_mesh()
     sharding.check_batch(args.batch, mesh)
     setup = trainer.make_setup(cfg, steps_per_epoch=1000, total_steps=300_000)
@@ -58,6 +62,7 @@ def main():
     compiled = step.lower(state, x).compile()
     compile_s = time.perf_counter() - t0
     flops = profiling.compiled_flops(compiled)
+    memory = compiled.memory_analysis()
     for _ in range(3):
         state, m = step(state, x)
     jax.block_until_ready(m)
@@ -76,6 +81,10 @@ def main():
           f"{args.masker}, batch {args.batch}, {args.dtype}, fsdp={args.fsdp}")
     print(f"compile {compile_s:.1f} s; step {step_s * 1e3:.1f} ms (median of {args.steps}); "
           f"{args.batch / step_s:.1f} examples/s")
+    if memory is not None:
+        print(f"compiled memory analysis (remat={args.remat}): temporaries "
+              f"{memory.temp_size_in_bytes / 2**20:.0f} MiB, arguments "
+              f"{memory.argument_size_in_bytes / 2**20:.0f} MiB")
     if flops:
         achieved = flops / step_s / 1e12
         line = (f"XLA cost analysis (per-device program): {flops / 1e12:.3f} TFLOP per step "

@@ -33,7 +33,9 @@ def base(objective: str = "m2d", masker: str = "dispersion") -> ml_collections.C
         size="base", input_shape=tuple(mask.input_shape), patch_size=tuple(mask.patch_size),
         decoder=dict(objectives.M2D_PREDICTOR if objective == "m2d"
                      else objectives.MSM_MAE_DECODER),
-        compute_dtype="float32"))
+        compute_dtype="float32",       # parameters stay float32; 'bfloat16' computes in bf16
+        attention="xla",               # jax.nn.dot_product_attention: 'xla' or 'cudnn' (GPU, bf16)
+        remat="none"))                 # per-block rematerialisation policy (vit.REMAT_POLICIES)
 
     # norm_pix: the authors' norm_pix_loss (MSM-MAE: standardised patches; M2D: standardised
     # target tokens). target_mode (M2D): 'm2d' (their target: own init, EMA of the blocks and

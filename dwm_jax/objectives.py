@@ -70,12 +70,14 @@ class MSMMAE(nnx.Module):
     uses_target = False
 
     def __init__(self, *, size="base", input_shape=(80, 608), patch_size=(16, 16),
-                 decoder=None, norm_pix=True, dtype=jnp.float32, rngs: nnx.Rngs):
+                 decoder=None, norm_pix=True, dtype=jnp.float32, attention="xla",
+                 remat="none", rngs: nnx.Rngs):
+        switches = dict(dtype=dtype, attention=attention, remat=remat)
         self.encoder = vit.Encoder(size, input_shape=input_shape, patch_size=patch_size,
-                                   dtype=dtype, rngs=rngs)
+                                   rngs=rngs, **switches)
         self.patch_size, self.norm_pix = tuple(patch_size), norm_pix
         self.decoder = vit.TokenDecoder(self.encoder.size.dim, patch_size[0] * patch_size[1],
-                                        grid=self.encoder.grid, dtype=dtype, rngs=rngs,
+                                        grid=self.encoder.grid, rngs=rngs, **switches,
                                         **_decoder_kwargs(decoder, MSM_MAE_DECODER))
 
     def predict(self, x, mask: masking.Mask):
@@ -131,15 +133,16 @@ class M2D(nnx.Module):
 
     def __init__(self, *, size="base", input_shape=(80, 608), patch_size=(16, 16),
                  decoder=None, norm_target=True, target_mode="m2d", dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 attention="xla", remat="none", rngs: nnx.Rngs):
         if target_mode not in self.TARGET_MODES:
             raise ValueError(f"M2D target_mode must be one of {self.TARGET_MODES}; got "
                              f"{target_mode!r}")
+        switches = dict(dtype=dtype, attention=attention, remat=remat)
         self.encoder = vit.Encoder(size, input_shape=input_shape, patch_size=patch_size,
-                                   dtype=dtype, rngs=rngs)
+                                   rngs=rngs, **switches)
         dim = self.encoder.size.dim
-        self.predictor = vit.TokenDecoder(dim, dim, grid=self.encoder.grid, dtype=dtype,
-                                          rngs=rngs, **_decoder_kwargs(decoder, M2D_PREDICTOR))
+        self.predictor = vit.TokenDecoder(dim, dim, grid=self.encoder.grid, rngs=rngs,
+                                          **switches, **_decoder_kwargs(decoder, M2D_PREDICTOR))
         self.norm_target, self.target_mode = norm_target, target_mode
 
     def _online(self) -> dict:

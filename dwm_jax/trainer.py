@@ -59,7 +59,8 @@ def build_objective(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Modul
         raise ValueError(f"config.model.compute_dtype must be one of {sorted(DTYPES)}; got "
                          f"{m.compute_dtype!r}")
     kwargs = dict(size=m.size, input_shape=tuple(m.input_shape), patch_size=tuple(m.patch_size),
-                  decoder=dict(m.decoder), dtype=DTYPES[m.compute_dtype], rngs=rngs)
+                  decoder=dict(m.decoder), dtype=DTYPES[m.compute_dtype],
+                  attention=m.get("attention", "xla"), remat=m.get("remat", "none"), rngs=rngs)
     if cfg.objective.name == "msm_mae":
         kwargs["norm_pix"] = cfg.objective.norm_pix
     else:  # M2D's norm_pix_loss standardises the target tokens
@@ -260,12 +261,19 @@ def _flat(tree, prefix="") -> dict:
     return out
 
 
+# Config fields added after checkpoints were first written, with the value that behaves as
+# runs did before them: a checkpoint without the field resumes under that value.
+ADDED_FIELDS = {"init_from": "", "profile_steps": "", "data.prefetch": 2,
+                "model.attention": "xla", "model.remat": "none"}
+
+
 def check_resume(stored: dict, meta: dict, where: str) -> list[tuple[str, Any, Any]]:
     """Compares a checkpoint's meta with this run's before resuming. Raises
     CheckpointMismatchError naming every field whose change would make the resumed run
     another run (masker, ratio, batch, schedule, model, objective, dataset); returns the
     accepted changes of RESUMABLE_FIELDS as (field, checkpoint value, this run's value)."""
     old, new = _flat(stored.get("config", {})), _flat(meta["config"])
+    old = {**{k: v for k, v in ADDED_FIELDS.items() if k not in old}, **old}
     diffs = [(k, old.get(k, "absent"), new.get(k, "absent"))
              for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     refused = [d for d in diffs if not d[0].startswith(RESUMABLE_FIELDS)]

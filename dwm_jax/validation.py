@@ -109,6 +109,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "model.patch_size": _pair,
     "model.decoder": _free,
     "model.compute_dtype": _one_of("float32", "bfloat16"),
+    "model.attention": _one_of(*vit.ATTENTION),
+    "model.remat": _one_of(*vit.REMAT_POLICIES),
     "objective.name": _one_of(*objectives.OBJECTIVES),
     "objective.ema_start": _number(0.0, 1.0, high_open=True),
     "objective.ema_end": _number(0.0, 1.0, high_open=True),
@@ -181,6 +183,12 @@ def _check_together(cfg) -> None:
     if size.dim % size.heads or size.dim % 4:
         raise ConfigError(f"config.model.size {m.size!r}: width {size.dim} must divide by its "
                           f"{size.heads} heads and by 4")
+    if m.attention == "cudnn":
+        import jax
+        if m.compute_dtype != "bfloat16" or jax.default_backend() != "gpu":
+            raise ConfigError("config.model.attention='cudnn' needs an NVIDIA GPU and "
+                              f"model.compute_dtype='bfloat16' (this run: "
+                              f"{jax.default_backend()}, {m.compute_dtype}); use 'xla'")
     decoder = dict(m.decoder)
     unknown = set(decoder) - {"dim", "depth", "heads", "mlp_ratio"}
     if unknown:

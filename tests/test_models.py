@@ -156,3 +156,41 @@ def test_unknown_objective_and_bad_widths():
         objectives.make_objective("mae")
     with pytest.raises(ValueError, match="not divisible by 5 heads"):
         vit.Attention(64, 5, dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+
+def _loss_and_grads(objective, batch, **switches):
+    x, mask = batch
+    kw = dict(size="micro", input_shape=(80, 64), decoder=dict(dim=32, depth=2, heads=2))
+    model = objectives.make_objective(objective, rngs=nnx.Rngs(0), **kw, **switches)
+    graphdef, params = nnx.split(model, nnx.Param)
+    target = model.target_init() if model.uses_target else None
+
+    def loss(p):
+        return nnx.merge(graphdef, p).loss(x, mask, target)[0]
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    return float(value), jax.tree.leaves(grads)
+
+
+@pytest.mark.parametrize("objective", ["m2d", "msm_mae"])
+@pytest.mark.parametrize("switch", [dict(remat="full"), dict(remat="dots_saveable"),
+                                    dict(remat="dots_with_no_batch_dims_saveable"),
+                                    dict(attention="xla"), dict(dtype=jnp.bfloat16)])
+def test_accelerator_switches_give_the_default_loss_and_gradients(objective, switch, batch):
+    """Rematerialisation recomputes the same numbers; explicit 'xla' attention is the
+    default; bfloat16 compute is close (its own, looser tolerance)."""
+    want_loss, want = _loss_and_grads(objective, batch)
+    got_loss, got = _loss_and_grads(objective, batch, **switch)
+    bf16 = "dtype" in switch
+    assert got_loss == pytest.approx(want_loss, rel=3e-2 if bf16 else 1e-6)
+    for a, b in zip(want, got):
+        scale = float(np.abs(a).max()) + 1e-12
+        tol = 0.1 if bf16 else 1e-5
+        assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) <= tol * scale
+
+
+def test_unknown_switch_values_are_refused():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        vit.Encoder("micro", input_shape=(80, 64), attention="flash", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="remat must be one of"):
+        vit.run_blocks([], jnp.zeros((1, 2, 4)), "sometimes")

@@ -252,6 +252,28 @@ def test_resume_with_another_number_of_hosts_is_refused_and_says_what_to_do(synt
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]  # not moved aside
 
 
+def test_checkpoints_from_before_new_config_fields_still_resume(synthetic_small, tmp_path):
+    """A checkpoint whose config predates fields added since (trainer.ADDED_FIELDS) resumes
+    under their defaults, which behave as runs did before them."""
+    import shutil
+    trainer.train(micro_config(synthetic_small[0], total_steps=8), str(tmp_path),
+                  progress=False)
+    shutil.rmtree(tmp_path / "checkpoints" / "8")
+    path = tmp_path / "checkpoints" / "4" / "meta" / "metadata"
+    meta = json.load(open(path))
+    for field in trainer.ADDED_FIELDS:
+        node = meta["config"]
+        *parents, last = field.split(".")
+        for p in parents:
+            node = node[p]
+        del node[last]
+    json.dump(meta, open(path, "w"))
+    summary = trainer.train(micro_config(synthetic_small[0], total_steps=8), str(tmp_path),
+                            progress=False)
+    assert summary["start_step"] == 4 and summary["final_step"] == 8
+    assert not os.path.exists(tmp_path / "config_changes.jsonl")
+
+
 def test_profile_trace_and_step_flops(synthetic_small, tmp_path):
     """profile_steps='1:3' leaves a profiler trace in the workdir; every log row carries the
     compiled step's FLOPs; MFU is left out on a CPU (no known peak)."""

@@ -31,6 +31,8 @@ def test_every_shipped_config_is_valid(module):
     ("model.size", "huge", r"config.model.size must be one of"),
     ("model.size", "64x2", r"config.model.size must be one of .*DIMxDEPTHxHEADS"),
     ("profile_steps", "5:2", r"config.profile_steps expected 0 <= A < B"),
+    ("model.attention", "cudnn", r"config.model.attention='cudnn' needs an NVIDIA GPU"),
+    ("model.remat", "some", r"config.model.remat must be one of"),
     ("data.prefetch", -1, r"config.data.prefetch must be >= 0"),
     ("init_from", 3, r"config.init_from must be a string"),
     ("model.compute_dtype", "fp8", r"config.model.compute_dtype must be one of"),

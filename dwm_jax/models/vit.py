@@ -86,11 +86,40 @@ def sincos_2d(dim: int, grid: tuple[int, int]) -> np.ndarray:
     return emb.astype(np.float32)
 
 
+# Accelerator switches (config.model.attention / remat). Each gives the same numbers as the
+# default within float tolerance (tests/test_models.py); they trade memory and speed.
+ATTENTION = ("xla", "cudnn")          # jax.nn.dot_product_attention's implementation
+REMAT_POLICIES = {                     # what the backward pass keeps of each block's forward
+    "none": None,                      # everything (no rematerialisation)
+    "full": None,                      # nothing: the block is recomputed
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def run_blocks(blocks, h, remat: str = "none"):
+    """The blocks in order, each under ``nnx.remat`` with the named policy unless 'none'."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}; got {remat!r}")
+    if remat == "none":
+        for block in blocks:
+            h = block(h)
+        return h
+    call = nnx.remat(lambda block, x: block(x), policy=REMAT_POLICIES[remat])
+    for block in blocks:
+        h = call(block, h)
+    return h
+
+
 class Attention(nnx.Module):
-    def __init__(self, dim: int, heads: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, heads: int, *, dtype, attention: str = "xla",
+                 rngs: nnx.Rngs):
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
-        self.heads = heads
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}; got {attention!r}")
+        self.heads, self.implementation = heads, attention
         self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, rngs=rngs,
                               kernel_init=nnx.initializers.xavier_uniform())
         self.proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs,
@@ -100,17 +129,18 @@ class Attention(nnx.Module):
         b, length, d = x.shape
         q, k, v = jnp.split(self.qkv(x).reshape(b, length, 3 * self.heads, d // self.heads),
                             3, axis=2)
-        out = jax.nn.dot_product_attention(q, k, v)  # [B, L, H, Dh]
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
         return self.proj(out.reshape(b, length, d))
 
 
 class Block(nnx.Module):
     """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, *, dtype, attention="xla",
+                 rngs: nnx.Rngs):
         hidden = int(dim * mlp_ratio)
         self.norm1 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
-        self.attn = Attention(dim, heads, dtype=dtype, rngs=rngs)
+        self.attn = Attention(dim, heads, dtype=dtype, attention=attention, rngs=rngs)
         self.norm2 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
         init = nnx.initializers.xavier_uniform()
         self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, kernel_init=init, rngs=rngs)
@@ -125,8 +155,10 @@ class Encoder(nnx.Module):
     """ViT over ``[B, F, T]`` log-mel -> tokens ``[B, 1 + K, dim]`` (CLS first), final LN."""
 
     def __init__(self, size: str | ViTSize = "base", *, input_shape=(80, 608),
-                 patch_size=(16, 16), dtype=jnp.float32, rngs: nnx.Rngs):
+                 patch_size=(16, 16), dtype=jnp.float32, attention: str = "xla",
+                 remat: str = "none", rngs: nnx.Rngs):
         self.size = parse_size(size)
+        self.remat = remat
         self.input_shape, self.patch_size = tuple(input_shape), tuple(patch_size)
         self.grid = masking.patch_grid(self.input_shape, self.patch_size)
         self.dtype = dtype
@@ -135,7 +167,8 @@ class Encoder(nnx.Module):
                                       kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
         self.cls_token = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, dim)))
         self.blocks = nnx.List([Block(dim, self.size.heads, self.size.mlp_ratio, dtype=dtype,
-                                      rngs=rngs) for _ in range(self.size.depth)])
+                                      attention=attention, rngs=rngs)
+                                for _ in range(self.size.depth)])
         self.norm = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
 
     @property
@@ -170,9 +203,7 @@ class Encoder(nnx.Module):
         cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype),
                                (tokens.shape[0], 1, self.size.dim))
         h = jnp.concatenate([cls, tokens], axis=1)
-        for block in self.blocks:
-            h = block(h)
-        return self.norm(h)
+        return self.norm(run_blocks(self.blocks, h, self.remat))
 
 
 class TokenDecoder(nnx.Module):
@@ -185,20 +216,18 @@ class TokenDecoder(nnx.Module):
 
     def __init__(self, in_dim: int, out_dim: int, *, grid: tuple[int, int], dim: int = 512,
                  depth: int = 8, heads: int = 16, mlp_ratio: float = 4.0, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        self.grid, self.dim, self.dtype = tuple(grid), dim, dtype
+                 attention: str = "xla", remat: str = "none", rngs: nnx.Rngs):
+        self.grid, self.dim, self.dtype, self.remat = tuple(grid), dim, dtype, remat
         init = nnx.initializers.xavier_uniform()
         self.embed = nnx.Linear(in_dim, dim, dtype=dtype, kernel_init=init, rngs=rngs)
         self.mask_token = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, dim)))
-        self.blocks = nnx.List([Block(dim, heads, mlp_ratio, dtype=dtype, rngs=rngs)
-                                for _ in range(depth)])
+        self.blocks = nnx.List([Block(dim, heads, mlp_ratio, dtype=dtype, attention=attention,
+                                      rngs=rngs) for _ in range(depth)])
         self.norm = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
         self.head = nnx.Linear(dim, out_dim, dtype=dtype, kernel_init=init, rngs=rngs)
 
     def __call__(self, tokens, ids_restore):
-        h = self.prepare(tokens, ids_restore)
-        for block in self.blocks:
-            h = block(h)
+        h = run_blocks(self.blocks, self.prepare(tokens, ids_restore), self.remat)
         return self.head(self.norm(h))[:, 1:]
 
     def prepare(self, tokens, ids_restore):
