@@ -466,13 +466,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     had_checkpoints = ckpt.latest_step() is not None
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-    # compiled ahead of the data, from shapes: the step's FLOPs (XLA cost analysis) for MFU
-    batch_shape = jax.ShapeDtypeStruct((cfg.batch_size, *cfg.model.input_shape), jnp.float32,
-                                       sharding=sharding.batch_sharding(mesh))
-    t_compile = time.perf_counter()
-    step_fn = step_fn.lower(target, batch_shape).compile()
-    summary: dict = dict(workdir=workdir, compile_s=time.perf_counter() - t_compile,
-                         flops_per_step=profiling.compiled_flops(step_fn))
     found = ckpt.restore_intact(target, inputs, check=check, warn=log.error)
     if had_checkpoints and found is None:
         raise checkpointing.CheckpointDamagedError(
@@ -494,6 +487,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 json.dump(meta["config"], f, indent=1)
 
+    # compiled before the first batch, from shapes (after the checks above, so a refused
+    # resume costs no compilation): the step's FLOPs (XLA cost analysis) for MFU
+    batch_shape = jax.ShapeDtypeStruct((cfg.batch_size, *cfg.model.input_shape), jnp.float32,
+                                       sharding=sharding.batch_sharding(mesh))
+    t_compile = time.perf_counter()
+    step_fn = step_fn.lower(target, batch_shape).compile()
+    summary: dict = dict(workdir=workdir, compile_s=time.perf_counter() - t_compile,
+                         flops_per_step=profiling.compiled_flops(step_fn))
     writers = _Writers(workdir, is_main, start)
     preempt = _Preemption()
     bar = None
