@@ -77,7 +77,7 @@ EQUIVALENCE = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     sys.path.insert(0, {repo!r})
     import jax, numpy as np
-    from dwm_jax import data, trainer
+    from dwm_jax import sharding, trainer
     from tests.test_training import micro_config
     cfg = micro_config({data_dir!r}, {objective!r}, "dispersion")
     setup = trainer.make_setup(cfg, steps_per_epoch=2, total_steps=10)
