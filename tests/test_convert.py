@@ -40,8 +40,7 @@ def _encoder_only(weights):
 
 
 def _convert(path, workdir, *flags):
-    code = convert.main([str(path), "--workdir", str(workdir), *flags])
-    return code
+    return convert.main([str(path), "--workdir", str(workdir), *flags])
 
 
 def _mask(z):

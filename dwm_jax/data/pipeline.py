@@ -17,6 +17,8 @@ import glob
 import hashlib
 import json
 import os
+import queue
+import threading
 from typing import Iterator, Sequence
 
 import grain
@@ -258,8 +260,6 @@ class DevicePrefetcher:
     _END = object()
 
     def __init__(self, iterator, place, size: int = 2):
-        import queue
-
         if size < 0:
             raise ValueError(f"prefetch size must be >= 0; got {size}")
         self._iterator, self._place, self._size = iterator, place, size
@@ -277,7 +277,7 @@ class DevicePrefetcher:
                     try:
                         self._queue.put(item, timeout=0.1)
                         break
-                    except Exception:  # queue.Full
+                    except queue.Full:
                         continue
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             self._queue.put((self._END, e, None))
@@ -286,8 +286,6 @@ class DevicePrefetcher:
         return self
 
     def __next__(self):
-        import threading
-
         if self._size == 0:
             batch = next(self._iterator)
             self._state = self._iterator.get_state()
@@ -305,8 +303,6 @@ class DevicePrefetcher:
 
     def close(self):
         """Stops the thread; batches read ahead are dropped (the state is unaffected)."""
-        import queue
-
         self._stop = True
         while self._thread is not None and self._thread.is_alive():
             try:
