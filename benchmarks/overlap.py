@@ -5,7 +5,8 @@
 Runs the training loop (the demo's model and data) three times per prefetch setting: as it
 is, and with the input path slowed by a sleep about as long as one step (and twice as long). Without overlap the
 time per step is the step plus the delay; with it, close to the larger of the two. Prints
-``step_ms`` and ``input_wait_ms`` from metrics.jsonl (the mean over the logged intervals
+``step_ms``, ``input_wait_ms`` (waits that may have idled the device) and ``host_wait_ms``
+(all the loop's waits for input) from metrics.jsonl (the mean over the logged intervals
 after the first, which includes compilation).
 """
 
@@ -42,7 +43,7 @@ def run(cfg, delay_s: float) -> tuple[float, float]:
         shutil.rmtree(workdir)
     rows = rows[1:]  # the first interval holds the compilation
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
-    return mean("step_ms"), mean("input_wait_ms")
+    return mean("step_ms"), mean("input_wait_ms"), mean("host_wait_ms")
 
 
 def main():
@@ -61,15 +62,16 @@ def main():
     cfg.ckpt_every = 10 * a.steps
     for prefetch in a.prefetch:
         cfg.data.prefetch = prefetch
-        base, wait = run(cfg, 0.0)
+        base, wait, host = run(cfg, 0.0)
         print(f"prefetch {prefetch}, no delay: step {base:.1f} ms, input wait {wait:.1f} ms "
-              f"per step ({100 * wait / base:.1f} % of the step)")
+              f"per step ({100 * wait / base:.1f} % of the step; host wait {host:.1f} ms)")
         for factor in (1.0, 2.0):
             delay = factor * base / 1e3
-            step, wait = run(cfg, delay)
+            step, wait, host = run(cfg, delay)
             print(f"prefetch {prefetch}, input slowed by {delay * 1e3:.0f} ms: step "
                   f"{step:.1f} ms (sum would be {base + delay * 1e3:.0f}, max "
-                  f"{max(base, delay * 1e3):.0f}), input wait {wait:.1f} ms")
+                  f"{max(base, delay * 1e3):.0f}), input wait {wait:.1f} ms, host wait "
+                  f"{host:.1f} ms")
 
 
 if __name__ == "__main__":

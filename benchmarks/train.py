@@ -4,6 +4,7 @@
   python benchmarks/train.py --batch 8 --size tiny            # something a CPU finishes
   python benchmarks/train.py --objective msm_mae --masker random --dtype float32
   python benchmarks/train.py --remat full       # peak memory with rematerialised blocks
+  python benchmarks/train.py --scan --compile_only  # compile time with scanned layers
 
 Times the jitted step (masking included) on random input of the paper's shape 80 x 608, over
 all visible devices (data parallel), after a warm-up. FLOPs per step come from XLA's cost
@@ -41,13 +42,16 @@ def main():
     p.add_argument("--peak_tflops", type=float, default=0.0)
     p.add_argument("--remat", default="none", help="config.model.remat policy")
     p.add_argument("--attention", default="xla", help="config.model.attention")
+    p.add_argument("--scan", action="store_true", help="config.model.scan_layers")
+    p.add_argument("--compile_only", action="store_true",
+                   help="print the compile time and memory analysis, run no step")
     args = p.parse_args()
 
     cfg = common.base(args.objective, args.masker)
     cfg.batch_size = args.batch
     cfg.model.size = args.size
     cfg.model.compute_dtype = args.dtype
-    cfg.model.update(remat=args.remat, attention=args.attention)
+    cfg.model.update(remat=args.remat, attention=args.attention, scan_layers=args.scan)
     mesh = sharding.make_mesh()
     sharding.check_batch(args.batch, mesh)
     setup = trainer.make_setup(cfg, steps_per_epoch=1000, total_steps=300_000)
@@ -59,10 +63,18 @@ def main():
         np.random.default_rng(0).standard_normal((args.batch, 80, 608), np.float32), mesh)
 
     t0 = time.perf_counter()
-    compiled = step.lower(state, x).compile()
-    compile_s = time.perf_counter() - t0
-    flops = profiling.compiled_flops(compiled)
+    lowered = step.lower(state, x)
+    lower_s = time.perf_counter() - t0
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0 - lower_s
+    flops = trainer.step_flops(setup, compiled, x, jax.device_count())
     memory = compiled.memory_analysis()
+    if args.compile_only:
+        print(f"{args.objective} ViT-{args.size} batch {args.batch} {args.dtype} remat="
+              f"{args.remat} scan={args.scan}: trace + lower {lower_s:.1f} s, XLA compile "
+              f"{compile_s:.1f} s; temporaries "
+              f"{memory.temp_size_in_bytes / 2**20:.0f} MiB; {flops / 1e12:.3f} TFLOP per step")
+        return
     for _ in range(3):
         state, m = step(state, x)
     jax.block_until_ready(m)
@@ -79,7 +91,7 @@ def main():
     peak = args.peak_tflops or profiling.peak_tflops(device)
     print(f"device: {jax.device_count()} x {kind}; {args.objective} ViT-{args.size}, masker "
           f"{args.masker}, batch {args.batch}, {args.dtype}, fsdp={args.fsdp}")
-    print(f"compile {compile_s:.1f} s; step {step_s * 1e3:.1f} ms (median of {args.steps}); "
+    print(f"trace + lower {lower_s:.1f} s, compile {compile_s:.1f} s; step {step_s * 1e3:.1f} ms (median of {args.steps}); "
           f"{args.batch / step_s:.1f} examples/s")
     if memory is not None:
         print(f"compiled memory analysis (remat={args.remat}): temporaries "

@@ -35,7 +35,8 @@ def base(objective: str = "m2d", masker: str = "dispersion") -> ml_collections.C
                      else objectives.MSM_MAE_DECODER),
         compute_dtype="float32",       # parameters stay float32; 'bfloat16' computes in bf16
         attention="xla",               # jax.nn.dot_product_attention: 'xla' or 'cudnn' (GPU, bf16)
-        remat="none"))                 # per-block rematerialisation policy (vit.REMAT_POLICIES)
+        remat="none",                  # per-block rematerialisation policy (vit.REMAT_POLICIES)
+        scan_layers=False))            # blocks under one jax.lax.scan: compile time flat in depth
 
     # norm_pix: the authors' norm_pix_loss (MSM-MAE: standardised patches; M2D: standardised
     # target tokens). target_mode (M2D): 'm2d' (their target: own init, EMA of the blocks and

@@ -71,8 +71,8 @@ class MSMMAE(nnx.Module):
 
     def __init__(self, *, size="base", input_shape=(80, 608), patch_size=(16, 16),
                  decoder=None, norm_pix=True, dtype=jnp.float32, attention="xla",
-                 remat="none", rngs: nnx.Rngs):
-        switches = dict(dtype=dtype, attention=attention, remat=remat)
+                 remat="none", scan=False, rngs: nnx.Rngs):
+        switches = dict(dtype=dtype, attention=attention, remat=remat, scan=scan)
         self.encoder = vit.Encoder(size, input_shape=input_shape, patch_size=patch_size,
                                    rngs=rngs, **switches)
         self.patch_size, self.norm_pix = tuple(patch_size), norm_pix
@@ -133,11 +133,11 @@ class M2D(nnx.Module):
 
     def __init__(self, *, size="base", input_shape=(80, 608), patch_size=(16, 16),
                  decoder=None, norm_target=True, target_mode="m2d", dtype=jnp.float32,
-                 attention="xla", remat="none", rngs: nnx.Rngs):
+                 attention="xla", remat="none", scan=False, rngs: nnx.Rngs):
         if target_mode not in self.TARGET_MODES:
             raise ValueError(f"M2D target_mode must be one of {self.TARGET_MODES}; got "
                              f"{target_mode!r}")
-        switches = dict(dtype=dtype, attention=attention, remat=remat)
+        switches = dict(dtype=dtype, attention=attention, remat=remat, scan=scan)
         self.encoder = vit.Encoder(size, input_shape=input_shape, patch_size=patch_size,
                                    rngs=rngs, **switches)
         dim = self.encoder.size.dim
@@ -160,7 +160,7 @@ class M2D(nnx.Module):
         key = jax.random.fold_in(jax.random.key(seed), _TARGET_INIT_STREAM)
         fresh = vit.Encoder(self.encoder.size, input_shape=self.encoder.input_shape,
                             patch_size=self.encoder.patch_size, dtype=self.encoder.dtype,
-                            rngs=nnx.Rngs(key))
+                            scan=self.encoder.scan, rngs=nnx.Rngs(key))
         state = nnx.to_pure_dict(nnx.state(fresh, nnx.Param))
         return {"blocks": state["blocks"], "norm": state["norm"]}
 

@@ -186,10 +186,14 @@ def start_from(source_dir: str, state: dict, shardings: dict, cfg) -> tuple[dict
         source = read_weights(source_dir, parts=("params", "target"))
     except FileNotFoundError as e:
         raise validation.ConfigError(f"config.init_from={source_dir!r}: {e}") from None
-    source.params = jax.device_get(source.params)
-    source.target = jax.device_get(source.target)
-    initial = jax.device_get(dict(params=state["params"], target=state["target"]))
+    # merged in the per-layer layout, whichever layout (scanned or not) each side has
+    source.params = vit.unstack_layers(jax.device_get(source.params))
+    source.target = vit.unstack_layers(jax.device_get(source.target))
+    initial = vit.unstack_layers(
+        jax.device_get(dict(params=state["params"], target=state["target"])))
     merged, notes = merge_weights(initial, source, cfg)
+    if cfg.model.get("scan_layers", False):
+        merged = vit.stack_layers(merged)
 
     def place(value, sharding):
         value = np.asarray(value)

@@ -10,6 +10,10 @@ into ``WORKDIR/profile`` (open with TensorBoard's profile plugin, or Perfetto).
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
+
 import jax
 
 # Dense bfloat16 peak TFLOP/s per device (vendor figures, no sparsity), by a substring of
@@ -30,8 +34,8 @@ def peak_tflops(device=None) -> float:
 
 
 def compiled_flops(compiled) -> float:
-    """FLOPs of one call of a compiled (per-device) program, from XLA's cost analysis;
-    0.0 when the backend gives none."""
+    """FLOPs of one call of a compiled (per-device) or a lowered program, from XLA's cost
+    analysis; 0.0 when the backend gives none."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # some backends do not implement it
@@ -59,3 +63,43 @@ def parse_steps(spec: str) -> tuple[int, int] | None:
     if not 0 <= a < b:
         raise ValueError(f"expected 0 <= A < B; got {spec!r}")
     return a, b
+
+
+class CompletionClock:
+    """Notes when dispatched device work finishes, without blocking the caller: a thread
+    waits on each array handed to :meth:`watch` and records ``time.perf_counter()`` when it
+    is ready. The loop uses it to tell a wait for input that idled the device (its last step
+    had finished) from one that overlapped a running step.
+    """
+
+    def __init__(self):
+        self._queue: "queue.Queue" = queue.Queue()
+        self._done: dict = {}
+        self._thread = threading.Thread(target=self._run, name="completion-clock", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while (item := self._queue.get()) is not None:
+            key, array = item
+            try:
+                jax.block_until_ready(array)
+            except Exception:  # noqa: BLE001 - the loop sees the error where it fetches
+                pass
+            self._done[key] = time.perf_counter()
+
+    def watch(self, key, array):
+        self._queue.put((key, array))
+
+    def finished_at(self, key) -> float | None:
+        """When the array watched under ``key`` became ready (None: not yet, or not seen)."""
+        return self._done.pop(key, None)
+
+    def idle_during(self, key, start: float, end: float) -> float:
+        """Seconds of [start, end] after the work watched under ``key`` had finished: the
+        device's idle time in a wait, if that was its last work (0 if still running)."""
+        done = self.finished_at(key)
+        return max(0.0, end - max(start, done)) if done is not None else 0.0
+
+    def close(self):
+        self._queue.put(None)
+        self._thread.join(timeout=10)

@@ -10,8 +10,11 @@ from the latest checkpoint and stops on a non-finite loss or gradient. Metrics s
 device between log steps (no host sync per step): they are fetched, and checked for NaN / inf
 naming the first bad step, at each log step and before each save, so a bad state is never
 saved. Each log row has ``step_ms`` (wall time per step over the interval), ``input_wait_ms``
-(time per step the loop waited for the next batch), ``examples_per_s``, the compiled step's
-``tflops_per_step`` (XLA cost analysis, per device) and, on accelerators of known peak, ``mfu``.
+(time per step the device idled for want of input: the part of each wait for the next batch
+after the previous step had finished, timed by ``profiling.CompletionClock``),
+``host_wait_ms`` (all the loop's waits for input, idle or overlapping a running step),
+``examples_per_s``, the compiled step's ``tflops_per_step`` (XLA cost analysis, per device)
+and, on accelerators of known peak, ``mfu``.
 ``config.profile_steps='A:B'`` writes a profiler trace of steps A..B-1 to WORKDIR/profile.
 """
 
@@ -60,7 +63,8 @@ def build_objective(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Modul
                          f"{m.compute_dtype!r}")
     kwargs = dict(size=m.size, input_shape=tuple(m.input_shape), patch_size=tuple(m.patch_size),
                   decoder=dict(m.decoder), dtype=DTYPES[m.compute_dtype],
-                  attention=m.get("attention", "xla"), remat=m.get("remat", "none"), rngs=rngs)
+                  attention=m.get("attention", "xla"), remat=m.get("remat", "none"),
+                  scan=m.get("scan_layers", False), rngs=rngs)
     if cfg.objective.name == "msm_mae":
         kwargs["norm_pix"] = cfg.objective.norm_pix
     else:  # M2D's norm_pix_loss standardises the target tokens
@@ -91,10 +95,11 @@ def decay_mask(params, decay_tokens: bool = True):
     matrices *and* the [1, 1, D] CLS and mask tokens; biases and LayerNorm scales get none.
     ``decay_tokens=False`` (an option) also exempts the two tokens, as timm models' own
     ``no_weight_decay()`` lists do: decay pulls a lone learned vector towards 0 with nothing
-    to balance it but its own gradient."""
+    to balance it but its own gradient. Scanned blocks' leading layer axis does not count."""
     def leaf(path, p):
-        name = str(getattr(path[-1], "key", path[-1]))
-        return p.ndim > 1 and (decay_tokens or name not in TOKEN_PARAMS)
+        keys = [str(getattr(k, "key", k)) for k in path]
+        stacked = "blocks" in keys[:-1] and not keys[keys.index("blocks") + 1].isdigit()
+        return p.ndim - stacked > 1 and (decay_tokens or keys[-1] not in TOKEN_PARAMS)
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
@@ -224,6 +229,22 @@ def abstract_state(setup: Setup, seed: int):
     return jax.eval_shape(lambda: init_state(setup, seed))
 
 
+def step_flops(setup: Setup, compiled, batch_shape, num_devices: int = 1) -> float:
+    """FLOPs of one step per device, from XLA's cost analysis of the compiled step. XLA
+    counts a loop's body once, so with scanned layers the figure comes from the per-layer
+    program instead: lowered (traced, not compiled) from the same shapes, its global FLOPs
+    divided over the devices (about 1 % off the compiled count on the CPU)."""
+    if not setup.config.model.get("scan_layers", False):
+        return profiling.compiled_flops(compiled)
+    cfg = ml_collections.ConfigDict(setup.config.to_dict())
+    cfg.model.scan_layers = False
+    per_layer = make_setup(cfg, setup.steps_per_epoch, setup.total_steps)
+    shape = jax.ShapeDtypeStruct(batch_shape.shape, batch_shape.dtype)
+    lowered = jax.jit(lambda state, x: train_step(per_layer, state, x)).lower(
+        abstract_state(per_layer, 0), shape)
+    return profiling.compiled_flops(lowered) / num_devices
+
+
 # -------------------------------------------------------------------------------------- loop
 
 def _open_data(cfg):
@@ -248,7 +269,8 @@ def _open_data(cfg):
 # it computes. Any other difference from the checkpoint's config is refused.
 RESUMABLE_FIELDS = ("log_every", "log_data_fingerprint", "ckpt_every", "keep_ckpts",
                     "profile_steps", "num_devices", "fsdp", "data.data_dir",
-                    "data.worker_count", "data.prefetch", "data.build_if_missing", "probe.")
+                    "data.worker_count", "data.prefetch", "data.build_if_missing", "probe.",
+                    "model.remat")  # the same computation, scheduled otherwise
 
 
 def _flat(tree, prefix="") -> dict:
@@ -264,7 +286,7 @@ def _flat(tree, prefix="") -> dict:
 # Config fields added after checkpoints were first written, with the value that behaves as
 # runs did before them: a checkpoint without the field resumes under that value.
 ADDED_FIELDS = {"init_from": "", "profile_steps": "", "data.prefetch": 2,
-                "model.attention": "xla", "model.remat": "none"}
+                "model.attention": "xla", "model.remat": "none", "model.scan_layers": False}
 
 
 def check_resume(stored: dict, meta: dict, where: str) -> list[tuple[str, Any, Any]]:
@@ -494,7 +516,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     t_compile = time.perf_counter()
     step_fn = step_fn.lower(target, batch_shape).compile()
     summary: dict = dict(workdir=workdir, compile_s=time.perf_counter() - t_compile,
-                         flops_per_step=profiling.compiled_flops(step_fn))
+                         flops_per_step=step_flops(setup, step_fn, batch_shape, mesh.size))
     writers = _Writers(workdir, is_main, start)
     preempt = _Preemption()
     bar = None
@@ -506,10 +528,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     summary.update(start_step=start, total_steps=total_steps)
     profile = profiling.parse_steps(cfg.get("profile_steps", ""))
     tracing = False
+    clock = profiling.CompletionClock()  # when each dispatched step finished
     try:
         step = start
         pending: list = []    # (step, metrics on the device) not yet checked on the host
-        waited = 0.0          # seconds spent waiting for input since the last log
+        waited = dict(host=0.0, idle=0.0)  # seconds waiting for input since the last log
 
         def check_finite():
             """Fetches the pending steps' metrics (the only host sync of the loop) and stops
@@ -532,8 +555,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                 tracing = True
             t_input = time.perf_counter()
             x, batch = next(inputs)
-            waited += time.perf_counter() - t_input
+            t_got = time.perf_counter()
+            waited["host"] += t_got - t_input
+            # the part of the wait after the previous step had finished idled the device
+            waited["idle"] += (t_got - t_input if step == start
+                               else clock.idle_during(step, t_input, t_got))
             state, metrics = step_fn(state, x)   # dispatched; runs while the host goes on
+            clock.watch(step + 1, metrics["loss"])
             step += 1
             if tracing and step == profile[1]:
                 jax.block_until_ready(state)
@@ -553,7 +581,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                 scalars["epoch"] = step / steps_per_epoch
                 scalars["examples_per_s"] = steps * cfg.batch_size / (now - last["time"])
                 scalars["step_ms"] = (now - last["time"]) / steps * 1e3
-                scalars["input_wait_ms"] = waited / steps * 1e3
+                scalars["input_wait_ms"] = waited["idle"] / steps * 1e3
+                scalars["host_wait_ms"] = waited["host"] / steps * 1e3
                 if summary["flops_per_step"]:
                     scalars["tflops_per_step"] = summary["flops_per_step"] / 1e12
                     util = profiling.mfu(summary["flops_per_step"], (now - last["time"]) / steps,
@@ -570,7 +599,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                 writers.write(step, scalars)
                 summary["last_metrics"] = scalars
                 last = dict(step=step, time=time.perf_counter())
-                waited = 0.0
+                waited = dict(host=0.0, idle=0.0)
                 if bar is not None:
                     bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
             if bar is not None:
@@ -592,6 +621,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
         if tracing:
             jax.profiler.stop_trace()
         preempt.restore()
+        clock.close()
         if bar is not None:
             bar.close()
         writers.close()

@@ -111,6 +111,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "model.compute_dtype": _one_of("float32", "bfloat16"),
     "model.attention": _one_of(*vit.ATTENTION),
     "model.remat": _one_of(*vit.REMAT_POLICIES),
+    "model.scan_layers": _boolean,
     "objective.name": _one_of(*objectives.OBJECTIVES),
     "objective.ema_start": _number(0.0, 1.0, high_open=True),
     "objective.ema_end": _number(0.0, 1.0, high_open=True),

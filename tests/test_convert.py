@@ -65,11 +65,12 @@ def test_converted_fixture_gives_their_runtime_features(tmp_path):
         np.testing.assert_allclose(ours, z["portable/features"][i], atol=2e-4)
 
 
+@pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("objective", ["m2d", "msm_mae"])
-def test_step_from_converted_full_checkpoint_reproduces_their_loss(objective, tmp_path):
+def test_step_from_converted_full_checkpoint_reproduces_their_loss(objective, scan, tmp_path):
     """A run started from the converted full checkpoint (config.init_from) holds their
     encoder, predictor / decoder and target: one update on their batch and mask gives their
-    loss."""
+    loss; also with scanned layers (the weights restacked on a layer axis)."""
     z, weights = _fixture(objective)
     np.savez(tmp_path / "ckpt.npz", **weights)
     assert _convert(tmp_path / "ckpt.npz", tmp_path / "conv", *FLAGS[objective]) == 0
@@ -77,6 +78,7 @@ def test_step_from_converted_full_checkpoint_reproduces_their_loss(objective, tm
     import ml_collections
     cfg = ml_collections.ConfigDict(source.config)
     cfg.init_from = str(tmp_path / "conv")
+    cfg.model.scan_layers = scan
     setup = trainer.make_setup(cfg, 1, 300)
     mesh = sharding.make_mesh(1)
     abstract = trainer.abstract_state(setup, 0)
@@ -292,4 +294,14 @@ def test_init_from_our_own_run_takes_everything(tmp_path, synthetic_small):
     state, notes = pretrained.start_from(cfg.init_from, state, shardings, cfg)
     assert notes[1:] == ["predictor from the source", "target from the source's target"]
     jax.tree.map(np.testing.assert_array_equal, (state["params"], state["target"]),
+                 (source.params, source.target))
+    # into a run with scanned layers: the same weights, stacked on a layer axis
+    cfg.model.scan_layers = True
+    setup = trainer.make_setup(cfg, 1, 2)
+    shardings = sharding.state_shardings(trainer.abstract_state(setup, 0), sharding.make_mesh(1))
+    state = jax.jit(lambda: trainer.init_state(setup, 0), out_shardings=shardings)()
+    state, _ = pretrained.start_from(cfg.init_from, state, shardings, cfg)
+    assert state["params"]["encoder"]["blocks"]["fc1"]["kernel"].shape[0] == 2  # depth
+    jax.tree.map(np.testing.assert_array_equal,
+                 (vit.unstack_layers(state["params"]), vit.unstack_layers(state["target"])),
                  (source.params, source.target))

@@ -169,24 +169,64 @@ def _loss_and_grads(objective, batch, **switches):
         return nnx.merge(graphdef, p).loss(x, mask, target)[0]
 
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
-    return float(value), jax.tree.leaves(grads)
+    return float(value), jax.tree.leaves(vit.unstack_layers(nnx.to_pure_dict(grads)))
 
 
 @pytest.mark.parametrize("objective", ["m2d", "msm_mae"])
 @pytest.mark.parametrize("switch", [dict(remat="full"), dict(remat="dots_saveable"),
                                     dict(remat="dots_with_no_batch_dims_saveable"),
-                                    dict(attention="xla"), dict(dtype=jnp.bfloat16)])
+                                    dict(attention="xla"), dict(dtype=jnp.bfloat16),
+                                    dict(scan=True), dict(scan=True, remat="full")])
 def test_accelerator_switches_give_the_default_loss_and_gradients(objective, switch, batch):
     """Rematerialisation recomputes the same numbers; explicit 'xla' attention is the
-    default; bfloat16 compute is close (its own, looser tolerance)."""
+    default; scanned layers keep one parameter subtree per block (the same tree) and give the
+    same numbers; bfloat16 compute is close (its own, looser tolerance)."""
     want_loss, want = _loss_and_grads(objective, batch)
     got_loss, got = _loss_and_grads(objective, batch, **switch)
+    assert [a.shape for a in got] == [a.shape for a in want]
     bf16 = "dtype" in switch
     assert got_loss == pytest.approx(want_loss, rel=3e-2 if bf16 else 1e-6)
     for a, b in zip(want, got):
         scale = float(np.abs(a).max()) + 1e-12
         tol = 0.1 if bf16 else 1e-5
         assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) <= tol * scale
+
+
+@pytest.mark.parametrize("depth", [2, 6])
+def test_scanned_layers_trace_one_block_whatever_the_depth(depth):
+    """With scan the encoder's program holds one scan over the blocks (one block's ops);
+    without it the program grows with each block."""
+    def equations(scan):
+        model = vit.Encoder(f"32x{depth}x2", input_shape=(80, 64), scan=scan, rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model)
+        jaxpr = jax.make_jaxpr(lambda p, x: nnx.merge(graphdef, p)(x))(
+            params, jnp.zeros((1, 80, 64)))
+        return [str(e.primitive) for e in jaxpr.jaxpr.eqns]
+
+    scanned, unrolled = equations(True), equations(False)
+    assert scanned.count("scan") == 1 and "scan" not in unrolled
+    assert unrolled.count("dot_general") >= 4 * depth    # qkv, proj, fc1, fc2 per block
+    assert scanned.count("dot_general") < 4               # only outside the blocks
+
+
+def test_scanned_layout_is_the_per_layer_one_stacked(batch):
+    """The same seed gives the same weights in either layout (stacked on a layer axis), the
+    conversions are inverse, and weight decay skips the same (bias, norm) parameters."""
+    kw = dict(size="micro", input_shape=(80, 64), decoder=dict(dim=32, depth=2, heads=2))
+    per_layer, scanned = (nnx.to_pure_dict(nnx.state(
+        objectives.make_objective("m2d", rngs=nnx.Rngs(0), scan=scan, **kw), nnx.Param))
+        for scan in (False, True))
+    assert scanned["encoder"]["blocks"]["attn"]["qkv"]["bias"].shape == (2, 3 * 64)
+    assert sorted(per_layer["encoder"]["blocks"]) == [0, 1]
+    jax.tree.map(np.testing.assert_array_equal, vit.stack_layers(per_layer), scanned)
+    jax.tree.map(np.testing.assert_array_equal, vit.unstack_layers(scanned), per_layer)
+    jax.tree.map(np.testing.assert_array_equal, vit.stack_layers(scanned), scanned)  # as is
+    from dwm_jax import trainer
+    decay = trainer.decay_mask(scanned)
+    assert decay["encoder"]["blocks"]["fc1"]["kernel"] and not decay["encoder"]["blocks"][
+        "fc1"]["bias"] and not decay["encoder"]["blocks"]["norm1"]["scale"]
+    stacked_mask = vit.stack_layers(trainer.decay_mask(per_layer))
+    assert [bool(np.all(a)) for a in jax.tree.leaves(stacked_mask)] == jax.tree.leaves(decay)
 
 
 def test_unknown_switch_values_are_refused():

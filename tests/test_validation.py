@@ -33,6 +33,7 @@ def test_every_shipped_config_is_valid(module):
     ("profile_steps", "5:2", r"config.profile_steps expected 0 <= A < B"),
     ("model.attention", "cudnn", r"config.model.attention='cudnn' needs an NVIDIA GPU"),
     ("model.remat", "some", r"config.model.remat must be one of"),
+    ("model.scan_layers", "yes", r"config.model.scan_layers must be True or False"),
     ("data.prefetch", -1, r"config.data.prefetch must be >= 0"),
     ("init_from", 3, r"config.init_from must be a string"),
     ("model.compute_dtype", "fp8", r"config.model.compute_dtype must be one of"),

@@ -89,6 +89,8 @@ def sincos_2d(dim: int, grid: tuple[int, int]) -> np.ndarray:
 # Accelerator switches (config.model.attention / remat). Each gives the same numbers as the
 # default within float tolerance (tests/test_models.py); they trade memory and speed.
 ATTENTION = ("xla", "cudnn")          # jax.nn.dot_product_attention's implementation
+# config.model.scan_layers: the blocks' parameters stacked on a layer axis and run by one
+# jax.lax.scan (run_blocks); checkpoints then hold that layout (stack_layers converts).
 REMAT_POLICIES = {                     # what the backward pass keeps of each block's forward
     "none": None,                      # everything (no rematerialisation)
     "full": None,                      # nothing: the block is recomputed
@@ -98,18 +100,77 @@ REMAT_POLICIES = {                     # what the backward pass keeps of each bl
 }
 
 
-def run_blocks(blocks, h, remat: str = "none"):
-    """The blocks in order, each under ``nnx.remat`` with the named policy unless 'none'."""
+def run_blocks(blocks, h, remat: str = "none", scan: bool = False):
+    """The blocks in order, each under the named rematerialisation policy unless 'none'.
+
+    ``scan``: ``blocks`` is one Block whose parameters carry a leading layer axis (see
+    :func:`stack_blocks`), run by one ``jax.lax.scan``, so the program holds one block
+    whatever the depth; otherwise a sequence of Blocks, run one after the other.
+    """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}; got {remat!r}")
+    policy = REMAT_POLICIES[remat]
+    if scan:
+        graphdef, layers = nnx.split(blocks)
+
+        def body(x, layer):
+            return nnx.merge(graphdef, layer)(x), None
+
+        if remat != "none":
+            body = jax.checkpoint(body, policy=policy)
+        return jax.lax.scan(body, h, layers)[0]
     if remat == "none":
         for block in blocks:
             h = block(h)
         return h
-    call = nnx.remat(lambda block, x: block(x), policy=REMAT_POLICIES[remat])
+    call = nnx.remat(lambda block, x: block(x), policy=policy)
     for block in blocks:
         h = call(block, h)
     return h
+
+
+def stack_blocks(blocks) -> "Block":
+    """Blocks of one shape -> one Block whose every parameter is theirs stacked on a leading
+    layer axis (the scanned layout; built from the same draws as the per-layer one)."""
+    states = [nnx.state(block) for block in blocks]
+    return nnx.merge(nnx.graphdef(blocks[0]),
+                     jax.tree.map(lambda *layers: jnp.stack(layers), *states))
+
+
+def _per_layer(tree) -> bool:
+    return isinstance(tree, dict) and bool(tree) and all(str(k).isdigit() for k in tree)
+
+
+def stack_layers(tree):
+    """Pure-dict parameters in the per-layer layout (``blocks: {0: {...}, 1: {...}}``) -> the
+    scanned layout (``blocks: {...}``, each array with a leading layer axis); anything else
+    as it is. For trees of either layout: a scanned one passes through unchanged."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        if key == "blocks" and _per_layer(value):
+            layers = [value[k] for k in sorted(value, key=int)]
+            leaves = jax.tree.leaves(layers)
+            xp = np if all(isinstance(a, np.ndarray) for a in leaves) else jnp
+            out[key] = jax.tree.map(lambda *a: xp.stack(a), *layers)
+        else:
+            out[key] = stack_layers(value)
+    return out
+
+
+def unstack_layers(tree):
+    """The inverse of :func:`stack_layers`: scanned ``blocks`` -> ``{0: {...}, 1: ...}``."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        if key == "blocks" and isinstance(value, dict) and value and not _per_layer(value):
+            depth = jax.tree.leaves(value)[0].shape[0]
+            out[key] = {i: jax.tree.map(lambda a, i=i: a[i], value) for i in range(depth)}
+        else:
+            out[key] = unstack_layers(value)
+    return out
 
 
 class Attention(nnx.Module):
@@ -156,9 +217,9 @@ class Encoder(nnx.Module):
 
     def __init__(self, size: str | ViTSize = "base", *, input_shape=(80, 608),
                  patch_size=(16, 16), dtype=jnp.float32, attention: str = "xla",
-                 remat: str = "none", rngs: nnx.Rngs):
+                 remat: str = "none", scan: bool = False, rngs: nnx.Rngs):
         self.size = parse_size(size)
-        self.remat = remat
+        self.remat, self.scan = remat, bool(scan)
         self.input_shape, self.patch_size = tuple(input_shape), tuple(patch_size)
         self.grid = masking.patch_grid(self.input_shape, self.patch_size)
         self.dtype = dtype
@@ -166,9 +227,9 @@ class Encoder(nnx.Module):
         self.patch_embed = nnx.Linear(patch_size[0] * patch_size[1], dim, dtype=dtype,
                                       kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
         self.cls_token = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, dim)))
-        self.blocks = nnx.List([Block(dim, self.size.heads, self.size.mlp_ratio, dtype=dtype,
-                                      attention=attention, rngs=rngs)
-                                for _ in range(self.size.depth)])
+        blocks = [Block(dim, self.size.heads, self.size.mlp_ratio, dtype=dtype,
+                        attention=attention, rngs=rngs) for _ in range(self.size.depth)]
+        self.blocks = stack_blocks(blocks) if self.scan else nnx.List(blocks)
         self.norm = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
 
     @property
@@ -203,7 +264,7 @@ class Encoder(nnx.Module):
         cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype),
                                (tokens.shape[0], 1, self.size.dim))
         h = jnp.concatenate([cls, tokens], axis=1)
-        return self.norm(run_blocks(self.blocks, h, self.remat))
+        return self.norm(run_blocks(self.blocks, h, self.remat, self.scan))
 
 
 class TokenDecoder(nnx.Module):
@@ -216,18 +277,21 @@ class TokenDecoder(nnx.Module):
 
     def __init__(self, in_dim: int, out_dim: int, *, grid: tuple[int, int], dim: int = 512,
                  depth: int = 8, heads: int = 16, mlp_ratio: float = 4.0, dtype=jnp.float32,
-                 attention: str = "xla", remat: str = "none", rngs: nnx.Rngs):
-        self.grid, self.dim, self.dtype, self.remat = tuple(grid), dim, dtype, remat
+                 attention: str = "xla", remat: str = "none", scan: bool = False,
+                 rngs: nnx.Rngs):
+        self.grid, self.dim, self.dtype = tuple(grid), dim, dtype
+        self.remat, self.scan = remat, bool(scan)
         init = nnx.initializers.xavier_uniform()
         self.embed = nnx.Linear(in_dim, dim, dtype=dtype, kernel_init=init, rngs=rngs)
         self.mask_token = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, dim)))
-        self.blocks = nnx.List([Block(dim, heads, mlp_ratio, dtype=dtype, attention=attention,
-                                      rngs=rngs) for _ in range(depth)])
+        blocks = [Block(dim, heads, mlp_ratio, dtype=dtype, attention=attention, rngs=rngs)
+                  for _ in range(depth)]
+        self.blocks = stack_blocks(blocks) if self.scan else nnx.List(blocks)
         self.norm = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
         self.head = nnx.Linear(dim, out_dim, dtype=dtype, kernel_init=init, rngs=rngs)
 
     def __call__(self, tokens, ids_restore):
-        h = run_blocks(self.blocks, self.prepare(tokens, ids_restore), self.remat)
+        h = run_blocks(self.blocks, self.prepare(tokens, ids_restore), self.remat, self.scan)
         return self.head(self.norm(h))[:, 1:]
 
     def prepare(self, tokens, ids_restore):
