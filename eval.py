@@ -1,15 +1,21 @@
-"""Linear-probe evaluation of a pretrained encoder on labelled tasks, with two baselines.
+"""Evaluation of a pretrained encoder on labelled tasks: the linear probe (with two
+baselines) and fine-tuning.
 
     python eval.py --workdir=workdirs/demo --tasks=synthetic_sounds
     python eval.py --workdir=RUN --tasks=synthetic_sounds,audio_folder/esc50 --data_dir=data
     python eval.py --workdir=RUN --tasks=audio_folder:/path/to/built/esc50
+    python eval.py --workdir=workdirs/demo --tasks=synthetic_sounds --mode=finetune \
+        --finetune.epochs=20                       # configs/finetune.py holds the recipe
 
 A task is a built, labelled dataset: 'builder' (config 'default'), 'builder/config', or
 'audio_folder:PATH' with PATH the directory of a built dataset. Each task is probed with the
 run's encoder (latest checkpoint, or --step), the same architecture untrained (random init)
 and pooled raw log-mel statistics. Writes RUN/eval/results.json and RUN/eval/results.md and
 prints the table; embeddings are cached under RUN/eval/cache/, keyed by a hash of the
-weights and of the task's data.
+weights and of the task's data. ``--mode=finetune`` fine-tunes the encoder with a linear head
+on each task (``dwm_jax/finetune.py``; checkpoints under RUN/eval/finetune/, a rerun resumes)
+and ``--mode=both`` does both; results of one mode are kept when the other runs later on the
+same checkpoint, and the table puts them side by side.
 """
 
 import json
@@ -18,24 +24,50 @@ import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
+from ml_collections import config_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's directory", required=True)
 _TASKS = flags.DEFINE_list("tasks", ["synthetic_sounds"], "comma-separated tasks")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "where datasets are (default: the run's)")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
 _NO_CACHE = flags.DEFINE_bool("no_cache", False, "recompute embeddings")
+_MODE = flags.DEFINE_enum("mode", "linear", ["linear", "finetune", "both"],
+                          "linear probe, fine-tuning, or both")
+_FINETUNE = config_flags.DEFINE_config_file("finetune", "configs/finetune.py",
+                                            "the fine-tuning recipe (--mode=finetune / both)")
 
 
 def markdown_table(results: list[dict], step: int) -> str:
-    lines = [f"Linear probe, test accuracy (checkpoint step {step})", "",
-             "| task | test clips | classes | pretrained | random init | raw log-mel | "
-             "protocol |", "|---|---:|---:|---:|---:|---:|---|"]
+    """One row per task: the linear probe of the pretrained encoder and of both baselines,
+    and the fine-tuned encoder, where each was run ('-' where not)."""
+    def score(r, key):
+        return f"{r[key]['test_score']:.3f}" if key in r else "-"
+
+    lines = [f"Test scores (checkpoint step {step}): accuracy, or mAP for multi-label tasks", "",
+             "| task | test clips | classes | metric | linear probe | fine-tuned | "
+             "random init (probe) | raw log-mel (probe) | chance | protocol |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in results:
-        lines.append(f"| {r['task']} | {r['num_test']} | {r['num_classes']} | "
-                     f"{r['encoder']['test_accuracy']:.3f} | "
-                     f"{r['random_init']['test_accuracy']:.3f} | "
-                     f"{r['raw_logmel']['test_accuracy']:.3f} | {r['protocol']} |")
+        protocol = "; ".join(p for p in (r.get("protocol"), r.get("finetune", {}).get(
+            "protocol")) if p)
+        lines.append(f"| {r['task']} | {r['num_test']} | {r['num_classes']} | {r['metric']} | "
+                     f"{score(r, 'encoder')} | {score(r, 'finetune')} | "
+                     f"{score(r, 'random_init')} | {score(r, 'raw_logmel')} | "
+                     f"{r['chance']:.3f} | {protocol} |")
     return "\n".join(lines) + "\n"
+
+
+def _earlier_results(path: str, step: int) -> dict:
+    """{task: result} already written for this checkpoint step (kept when only one mode
+    runs now); nothing when the file is absent, unreadable or of another step."""
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if earlier.get("step") != step:
+        return {}
+    return {r["task"]: r for r in earlier.get("tasks", []) if "task" in r}
 
 
 def main(argv):
@@ -67,23 +99,40 @@ def main(argv):
     finally:
         ckpt.close()
     data_dir = _DATA_DIR.value or meta["config"]["data"]["data_dir"]
-    random_init = Embedder.random_init(meta["config"], encoder.stats, seed=0)
-    cache = None if _NO_CACHE.value else os.path.join(workdir, "eval", "cache")
-    # cache keys identify the weights (not the step: a retrained run reaches the same step)
-    featurisers = {
-        "encoder": (encoder.clip_embedding, f"encoder_{encoder.fingerprint}"),
-        "random_init": (random_init.clip_embedding, f"random_init_{random_init.fingerprint}"),
-        "raw_logmel": (probe.raw_features, "raw_logmel"),
-    }
-    results = []
-    for spec in _TASKS.value:
-        try:
-            r = probe.evaluate_task(spec, data_dir, featurisers, cache_dir=cache)
-        except (probe.ProbeError, FileNotFoundError, ValueError) as e:
-            print(f"eval.py: task {spec!r}: {e}", file=sys.stderr)
-            return 2
-        results.append(r)
     out_dir = os.path.join(workdir, "eval")
+    results = _earlier_results(os.path.join(out_dir, "results.json"), step)
+    if _MODE.value in ("linear", "both"):
+        random_init = Embedder.random_init(meta["config"], encoder.stats, seed=0)
+        cache = None if _NO_CACHE.value else os.path.join(workdir, "eval", "cache")
+        # cache keys identify the weights (not the step: a retrained run reaches the same step)
+        featurisers = {
+            "encoder": (encoder.clip_embedding, f"encoder_{encoder.fingerprint}"),
+            "random_init": (random_init.clip_embedding,
+                            f"random_init_{random_init.fingerprint}"),
+            "raw_logmel": (probe.raw_features, "raw_logmel"),
+        }
+        for spec in _TASKS.value:
+            try:
+                r = probe.evaluate_task(spec, data_dir, featurisers, cache_dir=cache)
+            except (probe.ProbeError, FileNotFoundError, ValueError) as e:
+                print(f"eval.py: task {spec!r}: {e}", file=sys.stderr)
+                return 2
+            results[r["task"]] = {**results.get(r["task"], {}), **r}
+    if _MODE.value in ("finetune", "both"):
+        from dwm_jax import finetune, trainer
+        for spec in _TASKS.value:
+            try:
+                ft = finetune.finetune_task(spec, data_dir, workdir, step, _FINETUNE.value,
+                                            out_dir=os.path.join(out_dir, "finetune"),
+                                            log=lambda line: print(line, file=sys.stderr))
+            except (probe.ProbeError, FileNotFoundError, ValueError,
+                    checkpointing.CheckpointMismatchError, trainer.NonFiniteError) as e:
+                print(f"eval.py: task {spec!r}: {e}", file=sys.stderr)
+                return 2
+            summary = ft.pop("task_summary")
+            results[summary["task"]] = {**summary, **results.get(summary["task"], {}),
+                                        "finetune": ft}
+    results = list(results.values())
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(dict(step=step, workdir=os.path.abspath(workdir), tasks=results), f, indent=1)

@@ -72,7 +72,7 @@ def run_one(strategy: str, seed: int, args, tasks) -> dict:
             feats["random_init"] = (rnd.clip_embedding, f"random_init_{rnd.fingerprint}")
             feats["raw_logmel"] = (probe.raw_features, "raw_logmel")
         r = probe.evaluate_task(spec, args.data_dir, feats, cache_dir=cache)
-        out["tasks"][r["task"]] = {k: r[k]["test_accuracy"] for k in feats}
+        out["tasks"][r["task"]] = {k: r[k]["test_score"] for k in feats}
         out["tasks"][r["task"]]["num_test"] = r["num_test"]
     return out
 

@@ -105,8 +105,12 @@ class Embedder:
             h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
         return h.hexdigest()[:16]
 
-    def time_features(self, log_mel: np.ndarray) -> np.ndarray:
-        """Raw log-mel [n_mels, T] -> per-time-step features [ceil(T / patch_w), Fp * dim]."""
+    def time_features(self, log_mel: np.ndarray, params=None) -> np.ndarray:
+        """Raw log-mel [n_mels, T] -> per-time-step features [ceil(T / patch_w), Fp * dim].
+
+        ``params``: other weights of the same encoder (its ``nnx.state``; e.g. while it is
+        being fine-tuned) instead of this embedder's own."""
+        params = self._params if params is None else params
         log_mel = np.asarray(log_mel, np.float32)
         if log_mel.ndim != 2 or log_mel.shape[0] != self.n_mels:
             raise ValueError(f"expected a log-mel [{self.n_mels}, T]; got {log_mel.shape}")
@@ -124,16 +128,16 @@ class Embedder:
             windows = np.zeros((_bucket(full), self.n_mels, self.frames), np.float32)
             windows[:full] = x[:, : full * self.frames].reshape(
                 self.n_mels, full, self.frames).transpose(1, 0, 2)
-            steps = np.asarray(self._chunks_fn(self._params, jnp.asarray(windows)))
+            steps = np.asarray(self._chunks_fn(params, jnp.asarray(windows)))
             parts.append(steps[:full].reshape(-1, self.dim))
         if rest:  # the shorter last chunk, with its own (truncated) positions
             last = jnp.asarray(x[None, :, full * self.frames:])
-            parts.append(np.asarray(self._chunks_fn(self._params, last))[0])
+            parts.append(np.asarray(self._chunks_fn(params, last))[0])
         return np.concatenate(parts)
 
-    def clip_embedding(self, log_mel: np.ndarray) -> np.ndarray:
+    def clip_embedding(self, log_mel: np.ndarray, params=None) -> np.ndarray:
         """Raw log-mel [n_mels, T] -> [Fp * dim], the mean over the clip's time steps."""
-        return self.time_features(log_mel).mean(axis=0)
+        return self.time_features(log_mel, params).mean(axis=0)
 
     def from_waveform(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
         """Mono waveform [samples] at any rate -> clip embedding (resampled to the front end's

@@ -4,7 +4,9 @@ For a task (a built, labelled dataset) every clip is embedded (``embedding.Embed
 frequency patches of each time step concatenated, averaged over the clip), features are
 standardised with the training split's statistics, and a softmax-regression classifier is
 trained with AdamW on the full batch, keeping the parameters of the best validation accuracy
-(early stopping). Datasets with ``foldK`` splits (ESC-50, UrbanSound8K) are evaluated by
+(early stopping). Multi-label datasets (``labels`` multi-hot, AudioSet / FSD50K style) get
+independent sigmoid outputs, early stopping on the validation mAP, and report mAP and macro
+ROC AUC (both as scikit-learn defines them). Datasets with ``foldK`` splits (ESC-50, UrbanSound8K) are evaluated by
 leave-one-fold-out cross-validation; otherwise train / valid / test splits are used. The same
 probe runs on two baselines: the untrained (random-init) encoder and pooled raw log-mel
 statistics (mean and std per mel bin).
@@ -79,6 +81,89 @@ def accuracy(params, x, y) -> float:
                          == np.asarray(y)))
 
 
+# ------------------------------------------------------------------------ multi-label probe
+
+def average_precision(y_true, scores) -> float:
+    """Average precision of one class: the sum over distinct score thresholds (highest
+    first) of recall gained x precision there, no interpolation (scikit-learn's
+    ``average_precision_score``). Needs at least one positive."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(scores, np.float64)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]   # last index of each tie group
+    tp = np.cumsum(y)[last]
+    precision, recall = tp / (last + 1), tp / y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def roc_auc(y_true, scores) -> float:
+    """Area under the ROC curve of one class (ties count one half: the Mann-Whitney U
+    statistic, as ``roc_auc_score``). Needs positives and negatives."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(scores, np.float64)
+    order = np.argsort(s, kind="mergesort")
+    _, inverse, counts = np.unique(s[order], return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = np.empty(len(s))
+    ranks[order] = ((ends - counts + 1 + ends) / 2)[inverse]   # average 1-based rank
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def multilabel_scores(y_true, scores) -> dict:
+    """mAP and macro ROC AUC of multi-hot ``y_true`` [n, C] against ``scores`` [n, C]:
+    means over the classes with a positive (mAP) and with both kinds (AUC) in ``y_true``;
+    classes without are left out and counted (``classes_scored``)."""
+    y, s = np.asarray(y_true), np.asarray(scores)
+    pos = y.sum(0)
+    with_pos = np.flatnonzero(pos > 0)
+    with_both = np.flatnonzero((pos > 0) & (pos < len(y)))
+    return dict(map=float(np.mean([average_precision(y[:, c], s[:, c]) for c in with_pos])),
+                auc=float(np.mean([roc_auc(y[:, c], s[:, c]) for c in with_both])),
+                classes_scored=int(len(with_pos)))
+
+
+def train_multilabel(x_train, y_train, x_valid, y_valid, *, lr: float = 1e-3,
+                     weight_decay: float = 1e-4, max_steps: int = 3000, eval_every: int = 50,
+                     patience: int = 10):
+    """One sigmoid output per class (binary cross-entropy) on multi-hot ``y`` [n, C], early
+    stopping on the validation mAP. Returns (params {'w', 'b'}, info)."""
+    xtr, ytr = jnp.asarray(x_train, jnp.float32), jnp.asarray(y_train, jnp.float32)
+    xva = jnp.asarray(x_valid, jnp.float32)
+    params = dict(w=jnp.zeros((xtr.shape[1], ytr.shape[1])), b=jnp.zeros(ytr.shape[1]))
+    tx = optax.adamw(lr, weight_decay=weight_decay)
+
+    def loss_fn(p):
+        return optax.sigmoid_binary_cross_entropy(xtr @ p["w"] + p["b"], ytr).mean()
+
+    @jax.jit
+    def run(params, opt_state):
+        def body(carry, _):
+            p, s = carry
+            updates, s = tx.update(jax.grad(loss_fn)(p), s, p)
+            return (optax.apply_updates(p, updates), s), None
+        (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), None,
+                                              length=eval_every)
+        return params, opt_state, xva @ params["w"] + params["b"]
+
+    opt_state = tx.init(params)
+    best, best_map, best_step, waited, step = params, -1.0, 0, 0, 0
+    while step < max_steps and waited < patience:
+        params, opt_state, logits = run(params, opt_state)
+        step += eval_every
+        valid_map = multilabel_scores(y_valid, np.asarray(logits))["map"]
+        if valid_map > best_map:
+            best, best_map, best_step, waited = params, valid_map, step, 0
+        else:
+            waited += 1
+    return best, dict(valid_map=best_map, best_step=best_step, steps=step)
+
+
+def logits(params, x) -> np.ndarray:
+    return np.asarray(jnp.asarray(x, jnp.float32) @ params["w"] + params["b"])
+
+
 def standardise(train, *others):
     mean, std = train.mean(0), train.std(0) + 1e-6
     return [(a - mean) / std for a in (train, *others)]
@@ -86,12 +171,23 @@ def standardise(train, *others):
 
 def probe(x_train, y_train, x_valid, y_valid, x_test, y_test, *, num_classes: int,
           **kw) -> dict:
-    """Standardise with train statistics, fit with early stopping on valid, score on test."""
+    """Standardise with train statistics, fit with early stopping on valid, score on test.
+
+    Class indices ``y`` [n] -> softmax, ``test_score`` = accuracy; multi-hot ``y`` [n, C]
+    -> sigmoids, ``test_score`` = mAP (also ``test_auc``, macro ROC AUC)."""
     xtr, xva, xte = standardise(x_train, x_valid, x_test)
+    sizes = dict(num_train=int(len(y_train)), num_test=int(len(y_test)))
+    if np.ndim(y_train) == 2:
+        params, info = train_multilabel(xtr, y_train, xva, y_valid, **kw)
+        test = multilabel_scores(y_test, logits(params, xte))
+        return dict(test_score=test["map"], test_map=test["map"], test_auc=test["auc"],
+                    classes_scored=test["classes_scored"],
+                    train_map=multilabel_scores(y_train, logits(params, xtr))["map"],
+                    **info, **sizes)
     params, info = train_linear(xtr, y_train, xva, y_valid, num_classes=num_classes, **kw)
-    return dict(test_accuracy=accuracy(params, xte, y_test),
-                train_accuracy=accuracy(params, xtr, y_train), **info,
-                num_train=int(len(y_train)), num_test=int(len(y_test)))
+    test = accuracy(params, xte, y_test)
+    return dict(test_score=test, test_accuracy=test,
+                train_accuracy=accuracy(params, xtr, y_train), **info, **sizes)
 
 
 # ------------------------------------------------------------------------------- features
@@ -104,8 +200,8 @@ def raw_features(log_mel: np.ndarray) -> np.ndarray:
 
 def features_of(split: data_lib.DatasetSplit, featurise, *, cache: str | None = None,
                 desc: str = "embed"):
-    """(features [n, D], labels [n]) of every clip of ``split`` through ``featurise(log_mel)``,
-    cached in ``cache`` (.npz) when given."""
+    """(features [n, D], labels [n] or multi-hot [n, C]) of every clip of ``split`` through
+    ``featurise(log_mel)``, cached in ``cache`` (.npz) when given."""
     if cache and os.path.exists(cache):
         with np.load(cache) as f:
             return f["x"], f["y"]
@@ -114,7 +210,8 @@ def features_of(split: data_lib.DatasetSplit, featurise, *, cache: str | None = 
     for i in tqdm(range(len(split)), desc=desc, unit="clip", leave=False, dynamic_ncols=True):
         ex = split.source[i]
         xs.append(featurise(ex["log_mel"]))
-        ys.append(int(ex["label"]))
+        ys.append(np.asarray(ex["labels"], np.float32) if split.multi_label
+                  else int(ex["label"]))
     x, y = np.stack(xs), np.asarray(ys)
     if cache:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
@@ -167,8 +264,8 @@ def _split_valid(x, y, frac=0.1, seed=0):
 
 def evaluate_task(spec: str, data_dir: str, featurisers: dict, *, cache_dir: str | None = None,
                   probe_kw: dict | None = None) -> dict:
-    """Probes every featuriser on one task -> {'task', 'num_test', 'num_classes',
-    'protocol', <featuriser name>: {test_accuracy, ...}}.
+    """Probes every featuriser on one task -> {'task', 'num_test', 'num_classes', 'metric',
+    'chance', 'protocol', <featuriser name>: {test_score, test_accuracy | test_map, ...}}.
 
     ``featurisers``: {name: (featurise(log_mel) -> vector, cache key or None)}; the key must
     identify the featuriser (e.g. ``Embedder.fingerprint``), the data are identified here.
@@ -181,15 +278,19 @@ def evaluate_task(spec: str, data_dir: str, featurisers: dict, *, cache_dir: str
     plan = task_splits(data_dir, dataset)
     wanted = plan.get("folds") or [s for s in (plan["train"], plan["valid"], plan["test"]) if s]
     splits = {s: data_lib.open_split(data_dir, dataset, s) for s in wanted}
-    labels = np.concatenate([[int(s.source[i]["label"]) for i in range(len(s))]
+    multi = some_split.multi_label
+    key = "labels" if multi else "label"
+    labels = np.concatenate([[np.asarray(s.source[i][key]) for i in range(len(s))]
                              for s in splits.values()])
-    if len(np.unique(labels)) < 2:
+    present = int((labels.sum(0) > 0).sum()) if multi else len(np.unique(labels))
+    if present < 2:
         raise ProbeError(f"task {spec!r}: all clips have one class; a probe needs two or more")
     num_classes = some_split.num_classes
     # the cache path names the data too: a rebuilt dataset never reuses old features
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
     slug = f"{slug}-{data_lib.dataset_fingerprint(data_dir, dataset)}"
-    out = dict(task=name, dataset=dataset, num_classes=num_classes)
+    out = dict(task=name, dataset=dataset, num_classes=num_classes,
+               metric="mAP" if multi else "accuracy")
     kw = probe_kw or {}
     for fname, (featurise, cache_key) in featurisers.items():
         feats = {}
@@ -205,9 +306,11 @@ def evaluate_task(spec: str, data_dir: str, featurisers: dict, *, cache_dir: str
                 y = np.concatenate([feats[f][1] for f in rest])
                 xtr, ytr, xva, yva = _split_valid(x, y, seed=k)
                 r = probe(xtr, ytr, xva, yva, *feats[test_fold], num_classes=num_classes, **kw)
-                accs.append(r["test_accuracy"])
+                accs.append(r["test_score"])
                 n_test += r["num_test"]
-            out[fname] = dict(test_accuracy=float(np.mean(accs)), fold_accuracies=accs)
+            mean = float(np.mean(accs))
+            out[fname] = (dict(test_score=mean, test_map=mean, fold_maps=accs) if multi else
+                          dict(test_score=mean, test_accuracy=mean, fold_accuracies=accs))
             out["num_test"] = n_test
             out["protocol"] = f"leave-one-fold-out over {len(plan['folds'])} folds"
         else:
@@ -221,7 +324,9 @@ def evaluate_task(spec: str, data_dir: str, featurisers: dict, *, cache_dir: str
             out["num_test"] = r["num_test"]
             out["protocol"] = ("train / valid (early stopping) / test" if plan["valid"] else
                                "train (10% held out for early stopping) / test")
-    out["chance"] = 1.0 / num_classes
+    # chance: a constant guess; for mAP, random scores (each class's prevalence)
+    out["chance"] = (float(labels.mean(0)[labels.sum(0) > 0].mean()) if multi
+                     else 1.0 / num_classes)
     return out
 
 

@@ -184,6 +184,23 @@ def test_same_name_other_settings_is_refused_until_overwrite(folder, tmp_path):
     assert s.source[0]["log_mel"].dtype == np.float32
 
 
+def test_a_dataset_built_before_a_new_setting_is_reused(folder, tmp_path):
+    """A build whose stored settings predate label_separator (its metadata lacks the field)
+    is the same dataset as one asked for with the field's default: reused, not refused."""
+    b = _build(tmp_path, "pets", audio_dir=str(folder / "clips"),
+               csv_path=str(folder / "good.csv"))
+    meta_path = os.path.join(b.data_dir, "metadata.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    del meta["builder_config"]["label_separator"]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    _build(tmp_path, "pets", audio_dir=str(folder / "clips"), csv_path=str(folder / "good.csv"))
+    with pytest.raises(data.BuildError, match="built with other settings"):
+        _build(tmp_path, "pets", audio_dir=str(folder / "clips"),
+               csv_path=str(folder / "good.csv"), label_separator=";")
+
+
 def test_bad_configs_name_the_field(folder, tmp_path):
     with pytest.raises(data.BuildError, match="unknown preset"):
         data.audio_folder_config("x", preset="esc5", root=str(tmp_path))
@@ -298,6 +315,13 @@ def _csv_build(folder, tmp_path, text, name="x", **kw):
 def test_bad_csv_rows_are_named(folder, tmp_path, text, match):
     with pytest.raises(data.BuildError, match=match):
         _csv_build(folder, tmp_path, text)
+
+
+def test_a_multilabel_row_without_labels_is_named(folder, tmp_path):
+    with pytest.raises(data.BuildError, match=r"x\.csv:3: no label in column 'label' "
+                                              r"\(separated by ','\)"):
+        _csv_build(folder, tmp_path, 'filename,label,split\na.wav,"dog,cat",train\n'
+                   'e.wav," , ",test\n', label_separator=",")
 
 
 def test_split_aliases_and_a_byte_order_mark(folder, tmp_path):

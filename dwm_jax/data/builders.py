@@ -2,8 +2,9 @@
 
 ``synthetic_sounds`` is the built-in offline dataset (procedural, deterministic by seed).
 ``audio_folder`` turns a directory of audio files, with an optional CSV of
-``filename,label[,split|fold]`` (ESC-50 and UrbanSound8K presets), into a dataset; without
-labels it is an unlabelled pretraining set (AudioSet-style file lists).
+``filename,label[,split|fold]`` or a published dataset's own layout (``PRESETS``: the nine
+linear-evaluation tasks of the M2D papers), into a dataset; without labels it is an
+unlabelled pretraining set (AudioSet-style file lists).
 
 Every example holds ``log_mel`` [n_mels, frames] (float16 by default; long clips are kept
 whole and cropped when read), ``filename`` and, for labelled sets, ``label``. Normalisation
@@ -28,11 +29,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dwm_jax import audio
-from dwm_jax.data import synthetic
+from dwm_jax.data import layouts, synthetic
 
 log = logging.getLogger(__name__)
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+AUDIO_EXTENSIONS = layouts.AUDIO_EXTENSIONS
 _SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -81,14 +82,19 @@ def _config_record(config: tfds.core.BuilderConfig) -> dict:
 class _LogMelBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared parts: features, statistics and metadata of log-mel datasets."""
 
-    def _features(self, label_names):
+    def _features(self, label_names, multi_label: bool = False):
+        """log_mel [n_mels, frames], filename, and ``label`` (one class) or, for multi-label
+        sets, ``labels`` (multi-hot uint8 [num_classes]; the names in the metadata)."""
         cfg = self.builder_config
         features = {
             "log_mel": tfds.features.Tensor(shape=(cfg.frontend.n_mels, None),
                                             dtype=np.dtype(cfg.dtype)),
             "filename": tfds.features.Text(),
         }
-        if label_names is not None:
+        if label_names is not None and multi_label:
+            features["labels"] = tfds.features.Tensor(shape=(len(label_names),),
+                                                      dtype=np.uint8)
+        elif label_names is not None:
             features["label"] = tfds.features.ClassLabel(names=list(label_names))
         return tfds.features.FeaturesDict(features)
 
@@ -177,7 +183,12 @@ class SyntheticSounds(_LogMelBuilder):
 
 # ------------------------------------------------------------------------------- audio_folder
 
-# Column names and file layout of well-known datasets' metadata CSVs.
+# The nine linear-evaluation tasks of the M2D papers, under the short names of their
+# evaluation package (EVAR), read from the layout each dataset is distributed in. A preset
+# either names the columns of the dataset's metadata CSV or a ``layout`` reader (layouts.py,
+# which says where each split comes from); ``split_file`` is where, under the root, the
+# published split list is looked for when it is not part of the dataset (--split_file
+# elsewhere).
 PRESETS = {
     # ESC-50: ROOT/meta/esc50.csv, ROOT/audio/<filename>; 5 folds.
     "esc50": dict(audio_subdir="audio", csv_path="meta/esc50.csv", filename_column="filename",
@@ -187,6 +198,33 @@ PRESETS = {
     "us8k": dict(audio_subdir="audio", csv_path="metadata/UrbanSound8K.csv",
                  filename_column="slice_file_name", label_column="class", split_column="",
                  fold_column="fold", path_template="fold{fold}/{filename}"),
+    # Speech Commands V2: ROOT/<word>/*.wav, ROOT/validation_list.txt, ROOT/testing_list.txt.
+    "spcv2": dict(audio_subdir="", layout="speech_commands"),
+    # VoxCeleb1: ROOT/wav/<speaker>/<video>/<utterance>.wav and ROOT/iden_split.txt.
+    "vc1": dict(audio_subdir="wav", layout="voxceleb1", split_file="iden_split.txt"),
+    # VoxForge as EVAR downloads it (ROOT/<speaker-session>/wav/*.wav); it has no official
+    # split: labels (language) and splits are EVAR's evar/metadata/voxforge.csv (columns
+    # file_name, label, split), looked for at ROOT/voxforge.csv (--csv elsewhere).
+    "voxforge": dict(audio_subdir="", csv_path="voxforge.csv", filename_column="file_name",
+                     label_column="label", split_column="split", fold_column="",
+                     path_template="{filename}"),
+    # CREMA-D: ROOT/AudioWAV/<speaker>_<sentence>_<emotion>_<level>.wav; speaker split
+    # from EVAR's cremad.csv.
+    "cremad": dict(audio_subdir="AudioWAV", layout="crema_d", split_file="cremad.csv"),
+    # GTZAN: ROOT/genres/<genre>/<genre>.000NN.au; fault-filtered split lists.
+    "gtzan": dict(audio_subdir="genres", layout="gtzan", split_file="GTZAN_split"),
+    # NSynth: ROOT/nsynth-{train,valid,test}/{examples.json,audio/}; instrument family.
+    "nsynth": dict(audio_subdir="", layout="nsynth"),
+    # Surge pitch set: ROOT/<tone preset>/<pitch>.ogg; tone split from EVAR.
+    "surge": dict(audio_subdir="", layout="surge",
+                  split_file="dataset_surge_tone_splits.csv"),
+}
+# what a layout reader needs besides the audio (for the error when it is missing)
+_SPLIT_FILE_SOURCES = {
+    "voxceleb1": "iden_split.txt from the VoxCeleb1 site (meta files)",
+    "crema_d": "evar/metadata/cremad.csv of nttcslab/eval-audio-repr",
+    "gtzan": "the folder GTZAN_split of jongpillee/music_dataset_split",
+    "surge": "evar/predefined/dataset_surge_tone_splits.csv of nttcslab/eval-audio-repr",
 }
 
 
@@ -197,7 +235,11 @@ class AudioFolderConfig(tfds.core.BuilderConfig):
     ``name`` is the dataset's name under ``audio_folder/`` (e.g. ``esc50``). Columns left
     empty are not used; ``path_template`` formats a row's columns into a path relative to
     ``audio_dir``. Without ``csv`` every audio file under ``audio_dir`` (recursively) goes to
-    an unlabelled ``train`` split.
+    an unlabelled ``train`` split. ``label_separator`` (e.g. ',' for FSD50K's ``labels``
+    column, AudioSet-style) makes it a multi-label set: each row's label column holds one or
+    more labels separated by it, stored multi-hot as ``labels``. ``layout`` names a reader of
+    a published dataset's own layout instead of a CSV (layouts.READERS), with its
+    ``split_file`` where the split is published apart from the audio.
     """
 
     audio_dir: str = ""
@@ -207,32 +249,48 @@ class AudioFolderConfig(tfds.core.BuilderConfig):
     split_column: str = "split"
     fold_column: str = "fold"
     path_template: str = "{filename}"
+    label_separator: str = ""         # several labels per clip ('a,b'): stored multi-hot
+    layout: str = ""                  # a layouts.READERS name instead of a CSV
+    split_file: str = ""              # the published split list a layout reads
     skip_bad_files: bool = False
     dtype: str = "float16"
     frontend: audio.LogMelFrontEnd = audio.LogMelFrontEnd()
 
 
 def audio_folder_config(name: str, *, root: str = "", preset: str = "", audio_dir: str = "",
-                        csv_path: str = "", **fields) -> AudioFolderConfig:
-    """An AudioFolderConfig from a preset ('esc50', 'us8k') and a dataset ``root``, or from
-    an explicit ``audio_dir`` and optional ``csv_path``; ``fields`` override any field."""
+                        csv_path: str = "", split_file: str = "",
+                        **fields) -> AudioFolderConfig:
+    """An AudioFolderConfig from a preset (``PRESETS``) and a dataset ``root``, or from an
+    explicit ``audio_dir`` and optional ``csv_path``; ``fields`` override any field."""
     if preset:
         if preset not in PRESETS:
             raise BuildError(f"unknown preset {preset!r}; known presets: {sorted(PRESETS)}")
         if not root:
             raise BuildError(f"preset {preset!r} needs root= (the dataset's top directory)")
         p = dict(PRESETS[preset])
-        audio_subdir, csv_rel = p.pop("audio_subdir"), p.pop("csv_path")
+        audio_subdir, csv_rel = p.pop("audio_subdir"), p.pop("csv_path", "")
+        split_rel = p.pop("split_file", "")
         audio_dir = audio_dir or os.path.join(root, audio_subdir)
-        csv_path = csv_path or os.path.join(root, csv_rel)
+        csv_path = csv_path or (os.path.join(root, csv_rel) if csv_rel else "")
+        split_file = split_file or (os.path.join(root, split_rel) if split_rel else "")
         fields = {**p, **fields}
     if not audio_dir:
         raise BuildError("audio_folder needs audio_dir= (or preset= and root=)")
     if not _SPLIT_NAME.match(name):
         raise BuildError(f"audio_folder name must be lower-case letters, digits and _; "
                          f"got {name!r}")
+    layout = fields.get("layout", "")
+    if layout and layout not in layouts.READERS:
+        raise BuildError(f"unknown layout {layout!r}; known: {sorted(layouts.READERS)}")
+    if layout and csv_path:
+        raise BuildError(f"layout {layout!r} reads the dataset's own files: give no CSV")
+    if layout in _SPLIT_FILE_SOURCES and not os.path.exists(split_file):
+        raise BuildError(f"layout {layout!r} needs its split list, {_SPLIT_FILE_SOURCES[layout]}"
+                         f": {split_file or '(none given)'} does not exist (--split_file)")
     return AudioFolderConfig(name=name, audio_dir=os.path.abspath(audio_dir),
-                             csv=os.path.abspath(csv_path) if csv_path else "", **fields)
+                             csv=os.path.abspath(csv_path) if csv_path else "",
+                             split_file=os.path.abspath(split_file) if split_file else "",
+                             **fields)
 
 
 # CSV split names taken for the ones training and evaluation read
@@ -245,8 +303,26 @@ _FOLD = re.compile(r"^fold\d+$")
 class _Row:
     where: str        # "file.csv:12" or the path itself, for error messages
     path: str
-    label: str | None
+    label: str | tuple[str, ...] | None   # a tuple for multi-label sets
     split: str
+
+
+def _checked_row(audio_dir: str, where: str, rel: str, label, given_split: str,
+                 first_seen: dict) -> _Row:
+    """A row with its split name checked (aliases taken) and its file listed only once."""
+    split = SPLIT_ALIASES.get(given_split.lower(), given_split.lower())
+    if split not in ("train", "valid", "test") and not _FOLD.match(split):
+        raise BuildError(
+            f"{where}: split {given_split!r} is not one that training and evaluation read: "
+            f"train, valid, test or foldN (also accepted: {', '.join(sorted(SPLIT_ALIASES))})")
+    path = os.path.normpath(os.path.join(audio_dir, rel))
+    if path in first_seen:
+        other = first_seen[path]
+        leak = (f" (splits {other.split!r} and {split!r}: test clips would leak into "
+                "training)" if other.split != split else "")
+        raise BuildError(f"{where}: {rel} is listed twice, here and at {other.where}{leak}")
+    first_seen[path] = _Row(where, path, label, split)
+    return first_seen[path]
 
 
 def _sorted_labels(labels) -> tuple[str, ...]:
@@ -282,6 +358,8 @@ class AudioFolder(_LogMelBuilder):
         if not os.path.isdir(cfg.audio_dir):
             raise BuildError(f"audio_folder/{cfg.name}: audio_dir {cfg.audio_dir!r} is not a "
                              "directory")
+        if cfg.layout:
+            return self._layout_rows()
         if not cfg.csv:
             paths = sorted(
                 os.path.join(d, f) for d, _, files in os.walk(cfg.audio_dir) for f in files
@@ -321,41 +399,53 @@ class AudioFolder(_LogMelBuilder):
                                      f"column {e}") from None
                 if split_col:
                     given = rec[split_col].strip()
-                    split = SPLIT_ALIASES.get(given.lower(), given.lower())
                 elif fold_col:
-                    given = split = f"fold{rec[fold_col].strip()}"
+                    given = f"fold{rec[fold_col].strip()}"
                 else:
-                    given = split = "train"
-                if split not in ("train", "valid", "test") and not _FOLD.match(split):
-                    raise BuildError(
-                        f"{where}: split {given!r} is not one that training and evaluation "
-                        f"read: train, valid, test or foldN (also accepted: "
-                        f"{', '.join(sorted(SPLIT_ALIASES))})")
+                    given = "train"
                 label = rec[cfg.label_column].strip() if has_label else None
                 if has_label and not label:
                     raise BuildError(f"{where}: empty label in column {cfg.label_column!r}")
-                path = os.path.normpath(os.path.join(cfg.audio_dir, rel))
-                if path in first_seen:
-                    other = first_seen[path]
-                    leak = (f" (splits {other.split!r} and {split!r}: test clips would leak "
-                            "into training)" if other.split != split else "")
-                    raise BuildError(f"{where}: {rel} is listed twice, here and at "
-                                     f"{other.where}{leak}")
-                rows.append(_Row(where, path, label, split))
-                first_seen[path] = rows[-1]
+                if has_label and cfg.label_separator:
+                    label = tuple(sorted({part.strip() for part in
+                                          label.split(cfg.label_separator)} - {""}))
+                    if not label:
+                        raise BuildError(f"{where}: no label in column {cfg.label_column!r} "
+                                         f"(separated by {cfg.label_separator!r})")
+                rows.append(_checked_row(cfg.audio_dir, where, rel, label, given, first_seen))
         if not rows:
             raise BuildError(f"{cfg.csv}: the CSV lists no files")
         return rows
 
+    def _layout_rows(self) -> list[_Row]:
+        cfg = self.builder_config
+        try:
+            entries = layouts.READERS[cfg.layout](cfg.audio_dir, cfg.split_file)
+        except layouts.LayoutError as e:
+            raise BuildError(f"audio_folder/{cfg.name} (layout {cfg.layout}): {e}") from None
+        if not entries:
+            raise BuildError(f"audio_folder/{cfg.name}: layout {cfg.layout!r} found no audio "
+                             f"under {cfg.audio_dir}")
+        first_seen: dict[str, _Row] = {}
+        return [_checked_row(cfg.audio_dir, e.where, e.rel_path, e.label, e.split, first_seen)
+                for e in entries]
+
     def _label_names(self):
         labels = [r.label for r in self._rows() if r.label is not None]
+        if self.builder_config.label_separator:
+            labels = [name for names in labels for name in names]
         return _sorted_labels(labels) if labels else None
 
     def _info(self):
         self._check_config()
+        names = self._label_names()
+        multi = bool(self.builder_config.label_separator) and names is not None
+        metadata = self._metadata()
+        if multi:
+            metadata["label_names"] = list(names)
         return tfds.core.DatasetInfo(
             builder=self, description=f"Audio files from {self.builder_config.audio_dir}",
-            features=self._features(self._label_names()), metadata=self._metadata())
+            features=self._features(names, multi_label=multi), metadata=metadata)
 
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
@@ -376,6 +466,7 @@ class AudioFolder(_LogMelBuilder):
         cfg = self.builder_config
         stats = _SplitStats(cfg.frontend.n_mels)
         skipped = []
+        index = {name: i for i, name in enumerate(self._label_names() or ())}
         for row in rows:
             try:
                 if not os.path.isfile(row.path):
@@ -392,7 +483,10 @@ class AudioFolder(_LogMelBuilder):
             stats.add(log_mel)
             rel = os.path.relpath(row.path, cfg.audio_dir)
             example = {"log_mel": log_mel, "filename": rel}
-            if row.label is not None:
+            if isinstance(row.label, tuple):
+                example["labels"] = np.zeros(len(index), np.uint8)
+                example["labels"][[index[name] for name in row.label]] = 1
+            elif row.label is not None:
                 example["label"] = row.label
             yield rel, example
         if skipped and not cfg.skip_bad_files:
@@ -448,6 +542,8 @@ def _rebuild_beside(cls, data_dir: str, config, final_dir: str):
 
 
 BUILDERS = {"synthetic_sounds": SyntheticSounds, "audio_folder": AudioFolder}
+# builder-config fields added after datasets were first built, with their default
+ADDED_CONFIG_FIELDS = {"label_separator": "", "layout": "", "split_file": ""}
 
 
 def build(builder: str, data_dir: str, *, config: str | tfds.core.BuilderConfig = "default",
@@ -472,6 +568,9 @@ def build(builder: str, data_dir: str, *, config: str | tfds.core.BuilderConfig 
     if os.path.exists(meta_path) and not overwrite:
         with open(meta_path) as f:
             stored = json.load(f).get("builder_config")
+        # settings added since: a dataset built before them was built as their default says
+        stored = {**{k: v for k, v in ADDED_CONFIG_FIELDS.items()
+                     if k in _config_record(config)}, **(stored or {})}
         wanted = json.loads(json.dumps(_config_record(config)))
         if stored != wanted:
             raise BuildError(

@@ -11,6 +11,9 @@ Examples (the README has more)::
   # ESC-50 from its own layout (5 folds -> splits fold1..fold5)
   python -m dwm_jax.data audio_folder --name esc50 --preset esc50 \
       --root /path/to/ESC-50-master --data_dir data
+  # GTZAN with the fault-filtered split lists kept elsewhere
+  python -m dwm_jax.data audio_folder --name gtzan --preset gtzan --root /path/to/gtzan \
+      --split_file /path/to/music_dataset_split/GTZAN_split --data_dir data
 
 A dataset lands in ``DATA_DIR/<builder>/<config name>/<version>/``. Building again with the
 same settings reuses it; different settings under the same name are refused (pass
@@ -39,6 +42,12 @@ def main(argv=None) -> int:
     p.add_argument("--root", default="", help="audio_folder with --preset: dataset top dir")
     p.add_argument("--audio_dir", default="", help="audio_folder: directory of audio files")
     p.add_argument("--csv", default="", help="audio_folder: filename,label[,split|fold] CSV")
+    p.add_argument("--split_file", default="",
+                   help="audio_folder with --preset vc1, cremad, gtzan or surge: the published "
+                        "split list, where it is not under --root (see layouts.py)")
+    p.add_argument("--label_separator", default="",
+                   help="audio_folder: several labels per clip in the label column, separated "
+                        "by this (e.g. ','): a multi-label dataset, stored multi-hot")
     p.add_argument("--skip_bad_files", action="store_true",
                    help="skip (and report) unreadable or missing files instead of stopping")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
@@ -57,7 +66,9 @@ def main(argv=None) -> int:
                                             fmax=min(8000.0, args.sample_rate / 2))
             config = builders.audio_folder_config(
                 args.name, root=args.root, preset=args.preset, audio_dir=args.audio_dir,
-                csv_path=args.csv, skip_bad_files=args.skip_bad_files, dtype=args.dtype,
+                csv_path=args.csv, split_file=args.split_file,
+                skip_bad_files=args.skip_bad_files, dtype=args.dtype,
+                label_separator=args.label_separator,
                 frontend=frontend)
         else:
             config = args.config

@@ -53,6 +53,7 @@ class DatasetSplit:
     label_names: tuple[str, ...] | None
     frontend: audio.LogMelFrontEnd
     metadata: dict
+    multi_label: bool = False       # examples hold ``labels`` (multi-hot), not ``label``
 
     def __len__(self) -> int:
         return len(self.source)
@@ -131,11 +132,15 @@ def open_split(data_dir: str, name: str, split: str) -> DatasetSplit:
     with open(os.path.join(path, "metadata.json")) as f:
         metadata = json.load(f)
     features = builder.info.features
-    label_names = tuple(features["label"].names) if "label" in features.keys() else None
+    multi_label = "labels" in features.keys()
+    if multi_label:
+        label_names = tuple(metadata["label_names"])
+    else:
+        label_names = tuple(features["label"].names) if "label" in features.keys() else None
     # datasets written before pad_mode was recorded used librosa's zero padding
     frontend = audio.LogMelFrontEnd(**{"pad_mode": "constant", **metadata["frontend"]})
     return DatasetSplit(name, split, builder.as_data_source(split), label_names, frontend,
-                        metadata)
+                        metadata, multi_label)
 
 
 class CropAndNormalise(grain.transforms.RandomMap):
@@ -171,6 +176,8 @@ class CropAndNormalise(grain.transforms.RandomMap):
         out = {"log_mel": (x - self.stats.mean) / np.float32(self.stats.std)}
         if "label" in element:
             out["label"] = np.int32(element["label"])
+        if "labels" in element:   # multi-label sets: multi-hot
+            out["labels"] = np.asarray(element["labels"], np.float32)
         if self.keep_filename:
             out["filename"] = element["filename"]
         return out
