@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo figures test bench clean-venv
+.PHONY: demo figures test bench data-parallel suite clean-venv
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,37 @@ $(TORCH_STAMP): $(STAMP)
 	else echo "no local PyTorch CPU wheel: the .pth converter tests will be skipped"; fi
 	touch $(TORCH_STAMP)
 
-test: $(STAMP) $(TORCH_STAMP)
+# Apache Beam for the parallel dataset builds (an optional extra: demo does not need it)
+BEAM_STAMP := $(VENV)/.beam
+$(BEAM_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[beam]'
+	touch $(BEAM_STAMP)
+
+# Debian packages the evaluation suite's audio comes from (speech and General MIDI); where
+# apt-get is missing or fails, the suite's tests are skipped, saying so
+DEBS := espeak-ng fluidsynth fluid-soundfont-gm
+DEBS_STAMP := $(VENV)/.debs
+$(DEBS_STAMP): $(STAMP)
+	if ! command -v espeak-ng >/dev/null || ! command -v fluidsynth >/dev/null \
+	    || ! test -f /usr/share/sounds/sf2/FluidR3_GM.sf2; then \
+	  (apt-get install -y -q $(DEBS) >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 \
+	    && apt-get install -y -q $(DEBS) >/dev/null 2>&1)) \
+	  || echo "could not install $(DEBS): the suite's tests will be skipped"; fi
+	touch $(DEBS_STAMP)
+
+test: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP)
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+# the cross-domain evaluation suite (dwm_jax/data/suite.py): audio under suite/, datasets
+# audio_folder/suite_<task> under data/, and the raw log-mel check of every task
+suite: $(STAMP) $(DEBS_STAMP)
+	$(PY) -m dwm_jax.data.suite --out suite --data_dir data
+
+# a parallel build of a folder of audio files: make data-parallel AUDIO_DIR=... NAME=... WORKERS=8
+WORKERS ?= 2
+data-parallel: $(BEAM_STAMP)
+	$(PY) -m dwm_jax.data audio_folder --name $(NAME) --audio_dir $(AUDIO_DIR) \
+	    --data_dir data --workers $(WORKERS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/masking.py

@@ -41,30 +41,70 @@ class BuildError(ValueError):
     """A dataset cannot be built as configured; the message names the file, row or field."""
 
 
-class _SplitStats:
-    """Streaming per-mel-bin sums for one split (float64, exact enough for 1e10 frames)."""
+# Sums are kept as integers in units of 2**-_EXACT_BITS (every float64 is a whole number of
+# those), so adding them is exact and the same in any order: a split's statistics do not
+# depend on how its clips were divided among workers (builds with 1 or N workers agree).
+_EXACT_BITS = 1100
+
+
+def _exact(values: np.ndarray) -> list[int]:
+    """float64 values as exact integers in units of 2**-_EXACT_BITS."""
+    out = []
+    for v in values.tolist():
+        num, den = float(v).as_integer_ratio()
+        out.append(num * ((1 << _EXACT_BITS) // den))
+    return out
+
+
+def _rounded(total: int) -> float:
+    """An exact integer sum back to the nearest float64 (Python's int division rounds
+    correctly)."""
+    return total / (1 << _EXACT_BITS)
+
+
+class SplitStats:
+    """Per-mel-bin sums and sums of squares of one split, accumulated exactly.
+
+    Each clip's sums are taken in float64 (numpy, the same wherever the clip is processed),
+    then added as exact integers; ``merge`` combines the statistics of disjoint sets of clips
+    (from parallel workers) with the same result as adding the clips one by one.
+    """
 
     def __init__(self, n_mels: int):
         self.clips = 0
         self.frames = 0
-        self.sum = np.zeros(n_mels, np.float64)
-        self.sumsq = np.zeros(n_mels, np.float64)
+        self.sum = [0] * n_mels
+        self.sumsq = [0] * n_mels
+
+    @staticmethod
+    def clip_sums(log_mel: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        """(frames, sum [n_mels], sum of squares [n_mels]) of one clip, float64."""
+        x = log_mel.astype(np.float64)
+        return x.shape[1], x.sum(axis=1), np.square(x).sum(axis=1)
+
+    def add_sums(self, frames: int, sums: np.ndarray, sumsqs: np.ndarray):
+        self.clips += 1
+        self.frames += frames
+        self.sum = [a + b for a, b in zip(self.sum, _exact(sums))]
+        self.sumsq = [a + b for a, b in zip(self.sumsq, _exact(sumsqs))]
 
     def add(self, log_mel: np.ndarray):
-        x = log_mel.astype(np.float64)
-        self.clips += 1
-        self.frames += x.shape[1]
-        self.sum += x.sum(axis=1)
-        self.sumsq += np.square(x).sum(axis=1)
+        self.add_sums(*self.clip_sums(log_mel))
+
+    def merge(self, other: "SplitStats") -> "SplitStats":
+        self.clips += other.clips
+        self.frames += other.frames
+        self.sum = [a + b for a, b in zip(self.sum, other.sum)]
+        self.sumsq = [a + b for a, b in zip(self.sumsq, other.sumsq)]
+        return self
 
     def to_json(self) -> dict:
-        n = max(self.frames, 1)
-        n_mels = len(self.sum)
-        mean = self.sum.sum() / (n * n_mels)
-        var = max(self.sumsq.sum() / (n * n_mels) - mean ** 2, 0.0)
+        n = max(self.frames, 1) * len(self.sum)
+        mean = _rounded(sum(self.sum)) / n
+        var = max(_rounded(sum(self.sumsq)) / n - mean ** 2, 0.0)
         return {"clips": self.clips, "frames": self.frames, "mean": float(mean),
-                "std": float(np.sqrt(var)), "sum": self.sum.tolist(),
-                "sumsq": self.sumsq.tolist()}
+                "std": float(np.sqrt(var)), "sum": [_rounded(t) for t in self.sum],
+                "sumsq": [_rounded(t) for t in self.sumsq]}
 
 
 def _config_record(config: tfds.core.BuilderConfig) -> dict:
@@ -112,8 +152,8 @@ class _LogMelBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         meta["skipped_files"] = {}
         return meta
 
-    def _finish_split(self, split: str, stats: _SplitStats, skipped: list[dict]):
-        self.info.metadata["stats"][split] = stats.to_json()
+    def _finish_split(self, split: str, stats: dict, skipped: list[dict]):
+        self.info.metadata["stats"][split] = stats
         self.info.metadata["skipped_files"][split] = skipped
         if skipped:
             log.warning("%s: skipped %d unreadable file(s) in split %r: %s", self.name,
@@ -167,7 +207,7 @@ class SyntheticSounds(_LogMelBuilder):
 
     def _generate_examples(self, split: str, num: int):
         cfg = self.builder_config
-        stats = _SplitStats(cfg.frontend.n_mels)
+        stats = SplitStats(cfg.frontend.n_mels)
         split_id = self.SPLITS.index(split)
         for index in range(num):
             class_id = index % synthetic.NUM_CLASSES
@@ -178,7 +218,7 @@ class SyntheticSounds(_LogMelBuilder):
             stats.add(log_mel)
             name = f"{split}/{index:06d}_{synthetic.CLASS_NAMES[class_id]}"
             yield name, {"log_mel": log_mel, "label": class_id, "filename": name}
-        self._finish_split(split, stats, [])
+        self._finish_split(split, stats.to_json(), [])
 
 
 # ------------------------------------------------------------------------------- audio_folder
@@ -343,8 +383,12 @@ class AudioFolder(_LogMelBuilder):
                      "1.1.0": "Front end pads the STFT by reflection, as the authors' does."}
     BUILDER_CONFIGS = []  # the user's folders are configs made with audio_folder_config
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, parallel: bool = False, **kwargs):
+        """``parallel``: build on Apache Beam (parallel.py) instead of in this process."""
         self._rows_cache = None
+        self._parallel = parallel
+        self._by_split: dict[str, list[_Row]] = {}
+        self._beam_scratch = ""
         super().__init__(*args, **kwargs)
 
     # The CSV is read once and checked before anything is written.
@@ -453,26 +497,29 @@ class AudioFolder(_LogMelBuilder):
         if missing and not cfg.skip_bad_files:
             listed = "; ".join(f"{r.where}: {r.path}" for r in missing[:5])
             raise BuildError(
-                f"audio_folder/{cfg.name}: {len(missing)} file(s) listed in the CSV do not "
+                f"audio_folder/{cfg.name}: {len(missing)} listed file(s) do not "
                 f"exist: {listed}{' ...' if len(missing) > 5 else ''} "
                 "(skip_bad_files=True / --skip_bad_files skips and reports them)")
         by_split: dict[str, list[_Row]] = {}
         for r in self._rows():
             by_split.setdefault(r.split, []).append(r)
+        self._by_split = dict(sorted(by_split.items()))
+        if self._parallel:
+            return self._split_transforms(self._by_split)
         return {split: self._generate_examples(split, rows)
-                for split, rows in sorted(by_split.items())}
+                for split, rows in self._by_split.items()}
+
+    def _label_index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self._label_names() or ())}
 
     def _generate_examples(self, split: str, rows: list[_Row]):
         cfg = self.builder_config
-        stats = _SplitStats(cfg.frontend.n_mels)
+        stats = SplitStats(cfg.frontend.n_mels)
         skipped = []
-        index = {name: i for i, name in enumerate(self._label_names() or ())}
+        index = self._label_index()
         for row in rows:
             try:
-                if not os.path.isfile(row.path):
-                    raise audio.AudioLoadError(f"{row.path}: listed at {row.where} but does "
-                                               "not exist")
-                log_mel = self._store(cfg.frontend.from_file(row.path))
+                key, example = clip_example(row, cfg, index)
             except audio.AudioLoadError as e:
                 if cfg.skip_bad_files:
                     log.warning("skipping %s", e)
@@ -480,25 +527,63 @@ class AudioFolder(_LogMelBuilder):
                 continue
             if skipped and not cfg.skip_bad_files:
                 continue  # the build will fail: read on only to name every bad file
-            stats.add(log_mel)
-            rel = os.path.relpath(row.path, cfg.audio_dir)
-            example = {"log_mel": log_mel, "filename": rel}
-            if isinstance(row.label, tuple):
-                example["labels"] = np.zeros(len(index), np.uint8)
-                example["labels"][[index[name] for name in row.label]] = 1
-            elif row.label is not None:
-                example["label"] = row.label
-            yield rel, example
-        if skipped and not cfg.skip_bad_files:
-            listed = "; ".join(s["reason"] for s in skipped[:10])
-            raise BuildError(
-                f"audio_folder/{cfg.name}: {len(skipped)} bad file(s) in split {split!r}: "
-                f"{listed}{' ...' if len(skipped) > 10 else ''} (skip_bad_files=True / "
-                "--skip_bad_files skips and reports such files)")
-        if len(skipped) == len(rows):
-            raise BuildError(f"audio_folder/{cfg.name}: all {len(rows)} file(s) of split "
-                             f"{split!r} are bad, e.g. {skipped[0]['reason']}")
-        self._finish_split(split, stats, skipped)
+            stats.add(example["log_mel"])
+            yield key, example
+        check_skipped(cfg, split, len(rows), skipped)
+        self._finish_split(split, stats.to_json(), skipped)
+
+    # Parallel builds (parallel.py): each split is a Beam transform; its statistics and
+    # skipped files come back through small files in a scratch folder, read when the
+    # pipeline is done, before TFDS writes the dataset's metadata.
+    def _split_transforms(self, by_split: dict[str, list[_Row]]):
+        from dwm_jax.data import parallel
+        self._beam_scratch = parallel.scratch_dir(self.data_dir)  # the unfinished dataset's
+        index = self._label_index()
+        return {split: parallel.split_transform(split, rows, self.builder_config, index,
+                                                self._beam_scratch)
+                for split, rows in by_split.items()}
+
+    def _process_pipeline_result(self, pipeline_result):
+        from dwm_jax.data import parallel
+        cfg = self.builder_config
+        results = {split: parallel.split_results(self._beam_scratch, split)
+                   for split in self._by_split}
+        parallel.remove_scratch(self._beam_scratch)
+        bad = [s for _, skipped in results.values() for s in skipped]
+        if bad and not cfg.skip_bad_files:  # all splits ran at once: name every bad file
+            check_skipped(cfg, "+".join(k for k, (_, b) in results.items() if b), -1, bad)
+        for split, (stats, skipped) in results.items():
+            check_skipped(cfg, split, len(self._by_split[split]), skipped)
+            self._finish_split(split, stats, skipped)
+
+
+def clip_example(row: _Row, cfg: AudioFolderConfig, index: dict[str, int]):
+    """(key, example) of one row: log_mel [n_mels, frames], filename and the label(s).
+    Raises AudioLoadError for a missing or unreadable file."""
+    if not os.path.isfile(row.path):
+        raise audio.AudioLoadError(f"{row.path}: listed at {row.where} but does not exist")
+    log_mel = cfg.frontend.from_file(row.path).astype(cfg.dtype)
+    rel = os.path.relpath(row.path, cfg.audio_dir)
+    example = {"log_mel": log_mel, "filename": rel}
+    if isinstance(row.label, tuple):
+        example["labels"] = np.zeros(len(index), np.uint8)
+        example["labels"][[index[name] for name in row.label]] = 1
+    elif row.label is not None:
+        example["label"] = row.label
+    return rel, example
+
+
+def check_skipped(cfg: AudioFolderConfig, split: str, num_rows: int, skipped: list[dict]):
+    """Bad files stop the build naming each one, unless skip_bad_files; all bad always does."""
+    if skipped and not cfg.skip_bad_files:
+        listed = "; ".join(s["reason"] for s in skipped[:10])
+        raise BuildError(
+            f"audio_folder/{cfg.name}: {len(skipped)} bad file(s) in split {split!r}: "
+            f"{listed}{' ...' if len(skipped) > 10 else ''} (skip_bad_files=True / "
+            "--skip_bad_files skips and reports such files)")
+    if len(skipped) == num_rows:
+        raise BuildError(f"audio_folder/{cfg.name}: all {num_rows} file(s) of split "
+                         f"{split!r} are bad, e.g. {skipped[0]['reason']}")
 
 
 # ------------------------------------------------------------------------------- building
@@ -524,14 +609,15 @@ def _remove_unfinished(config_dir: str):
             print(f"removed {path}, left by an unfinished build", file=sys.stderr)
 
 
-def _rebuild_beside(cls, data_dir: str, config, final_dir: str):
+def _rebuild_beside(cls, data_dir: str, config, final_dir: str, parallel: dict):
     """--overwrite without losing the old dataset: builds the new one in a staging folder
     next to it and swaps the two only once the new one is complete. A failed or killed
     rebuild leaves the old dataset as it was."""
     staging = tempfile.mkdtemp(prefix=".rebuild-", dir=os.path.dirname(final_dir))
     try:
-        new = cls(data_dir=staging, config=config, file_format="array_record")
-        new.download_and_prepare()
+        new = cls(data_dir=staging, config=config, file_format="array_record",
+                  **parallel["builder"])
+        new.download_and_prepare(**parallel["prepare"])
         aside = os.path.join(os.path.dirname(final_dir), ".old-" + os.path.basename(final_dir))
         os.replace(final_dir, aside)
         os.replace(new.data_dir, final_dir)
@@ -541,21 +627,39 @@ def _rebuild_beside(cls, data_dir: str, config, final_dir: str):
     return cls(data_dir=data_dir, config=config, file_format="array_record")
 
 
+def _parallel_args(builder: str, workers: int, beam_options: str) -> dict:
+    """Builder and download_and_prepare arguments of a build on Beam (or none)."""
+    if workers == 1 and not beam_options:
+        return {"builder": {}, "prepare": {}}
+    if builder != "audio_folder":
+        raise BuildError(f"--workers and --beam_options are for audio_folder; {builder} is "
+                         "built in one process")
+    from dwm_jax.data import parallel
+    options = parallel.pipeline_options(workers, beam_options)
+    return {"builder": {"parallel": True},
+            "prepare": {"download_config": tfds.download.DownloadConfig(
+                beam_options=options)}}
+
+
 BUILDERS = {"synthetic_sounds": SyntheticSounds, "audio_folder": AudioFolder}
 # builder-config fields added after datasets were first built, with their default
 ADDED_CONFIG_FIELDS = {"label_separator": "", "layout": "", "split_file": ""}
 
 
 def build(builder: str, data_dir: str, *, config: str | tfds.core.BuilderConfig = "default",
-          overwrite: bool = False) -> tfds.core.DatasetBuilder:
+          overwrite: bool = False, workers: int = 1,
+          beam_options: str = "") -> tfds.core.DatasetBuilder:
     """Builds (or reuses) a dataset and returns its TFDS builder.
 
     ``builder`` is 'synthetic_sounds' or 'audio_folder'; ``config`` a config name of the
     builder or a config object (``builders.audio_folder_config(...)`` for folders).
+    ``workers`` > 1 or ``beam_options`` build an audio_folder on Apache Beam (parallel.py):
+    the same dataset, written by that many local processes or by a cluster runner.
     """
     if builder not in BUILDERS:
         raise BuildError(f"unknown builder {builder!r}; known: {sorted(BUILDERS)}")
     cls = BUILDERS[builder]
+    parallel = _parallel_args(builder, workers, beam_options)
     if isinstance(config, str):
         known = {c.name: c for c in cls.BUILDER_CONFIGS}
         if config not in known:
@@ -577,9 +681,12 @@ def build(builder: str, data_dir: str, *, config: str | tfds.core.BuilderConfig 
                 f"{ds_builder.data_dir} was built with other settings ({stored}); now asked "
                 f"for {wanted}. Use another name or overwrite=True / --overwrite.")
     if overwrite and os.path.exists(meta_path):
-        ds_builder = _rebuild_beside(cls, data_dir, config, ds_builder.data_dir)
+        ds_builder = _rebuild_beside(cls, data_dir, config, ds_builder.data_dir, parallel)
     else:
-        ds_builder.download_and_prepare()
+        if parallel["builder"] and not os.path.exists(meta_path):
+            ds_builder = cls(data_dir=data_dir, config=config, file_format="array_record",
+                             **parallel["builder"])
+        ds_builder.download_and_prepare(**parallel["prepare"])
     skipped = {k: v for k, v in ds_builder.info.metadata.get("skipped_files", {}).items() if v}
     for split, files in skipped.items():
         print(f"{builder}/{config.name}: skipped {len(files)} file(s) in split {split!r}:",

@@ -11,6 +11,9 @@ Examples (the README has more)::
   # ESC-50 from its own layout (5 folds -> splits fold1..fold5)
   python -m dwm_jax.data audio_folder --name esc50 --preset esc50 \
       --root /path/to/ESC-50-master --data_dir data
+  # the same with 8 local worker processes (Apache Beam; pip install 'dwm_jax[beam]')
+  python -m dwm_jax.data audio_folder --name my_audio --audio_dir /path/to/wavs \
+      --data_dir data --workers 8
   # GTZAN with the fault-filtered split lists kept elsewhere
   python -m dwm_jax.data audio_folder --name gtzan --preset gtzan --root /path/to/gtzan \
       --split_file /path/to/music_dataset_split/GTZAN_split --data_dir data
@@ -24,10 +27,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 
 from dwm_jax import audio
 from dwm_jax.data import builders
+
+
+def _exit_interrupted(signum, frame):
+    print("python -m dwm_jax.data: interrupted; the unfinished build is removed when the same "
+          "command runs again", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
 
 
 def main(argv=None) -> int:
@@ -54,10 +65,21 @@ def main(argv=None) -> int:
     p.add_argument("--sample_rate", type=int, default=16000)
     p.add_argument("--n_mels", type=int, default=80)
     p.add_argument("--overwrite", action="store_true", help="rebuild if it exists")
+    p.add_argument("--workers", type=int, default=1,
+                   help="audio_folder: build with this many local worker processes on Apache "
+                        "Beam (pip install 'dwm_jax[beam]'); the same dataset as with 1")
+    p.add_argument("--beam_options", default="",
+                   help="audio_folder: Beam pipeline options for a cluster runner, e.g. "
+                        "'--runner=DataflowRunner --project=P --region=R "
+                        "--temp_location=gs://B/tmp' (see parallel.py and the README)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS echoes the whole config at WARNING
+    if args.workers != 1 or args.beam_options:
+        # Beam's runner carries on through a KeyboardInterrupt: stop at once instead, leaving
+        # TFDS's incomplete.* folder (never read as a dataset; the next run removes it)
+        signal.signal(signal.SIGINT, _exit_interrupted)
     try:
         if args.builder == "audio_folder":
             if not args.name:
@@ -73,7 +95,8 @@ def main(argv=None) -> int:
         else:
             config = args.config
         ds_builder = builders.build(args.builder, args.data_dir, config=config,
-                                    overwrite=args.overwrite)
+                                    overwrite=args.overwrite, workers=args.workers,
+                                    beam_options=args.beam_options)
     except (builders.BuildError, audio.AudioLoadError, ValueError) as e:  # one line, no trace
         print(f"python -m dwm_jax.data: error: {e}", file=sys.stderr)
         return 2
