@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo figures test bench data-parallel suite clean-venv
+.PHONY: demo figures test bench data-parallel suite corpus clean-venv
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ test: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP)
 # audio_folder/suite_<task> under data/, and the raw log-mel check of every task
 suite: $(STAMP) $(DEBS_STAMP)
 	$(PY) -m dwm_jax.data.suite --out suite --data_dir data
+
+# the unlabelled pretraining corpus across domains (dwm_jax/data/corpus.py): audio_folder/corpus
+HOURS ?= 3
+corpus: $(STAMP) $(DEBS_STAMP)
+	$(PY) -m dwm_jax.data.corpus --out corpus --data_dir data --hours $(HOURS)
 
 # a parallel build of a folder of audio files: make data-parallel AUDIO_DIR=... NAME=... WORKERS=8
 WORKERS ?= 2

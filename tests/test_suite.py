@@ -100,3 +100,22 @@ def test_a_task_builds_and_reads_back(made, tmp_path):
     assert len(s) == 12 * SMALL.test and len(s.label_names) == 12
     assert suite.main(["--out", str(out), "--data_dir", str(tmp_path / "data"),
                        "--tasks", "nope"]) == 2
+
+
+def test_the_corpus_is_unlabelled_mixed_and_deterministic(tmp_path):
+    from dwm_jax.data import corpus
+    assert corpus.main(["--out", str(tmp_path / "c"), "--data_dir", str(tmp_path / "d"),
+                        "--hours", str(24 * corpus.SECONDS / 3600)]) == 0
+    files = sorted(os.listdir(tmp_path / "c" / "audio"))
+    kinds = {f.split("_", 1)[1][:-4] for f in files}
+    assert len(files) == 24 and {"speech", "music"} <= kinds
+    assert any("+" in k for k in kinds)  # mixtures
+    x, rate = soundfile.read(tmp_path / "c" / "audio" / files[0])
+    assert rate == suite.RATE and len(x) == int(corpus.SECONDS * rate) and abs(x).max() > 1e-4
+    s = data.open_split(str(tmp_path / "d"), "audio_folder/corpus", "train")
+    assert len(s) == 24 and not s.num_classes
+    again = corpus.make_corpus(str(tmp_path / "again"), 24)
+    for name in files[:6]:
+        with open(tmp_path / "c" / "audio" / name, "rb") as a, \
+                open(os.path.join(again, name), "rb") as b:
+            assert a.read() == b.read()
