@@ -59,7 +59,7 @@ def main(argv):
         return 3
     except (validation.ConfigError, checkpointing.CheckpointMismatchError,
             checkpointing.CheckpointDamagedError, checkpointing.CheckpointSaveError,
-            FileNotFoundError) as e:  # the user's to fix: one line, no traceback
+            trainer.MetricsWriteError, FileNotFoundError) as e:  # the user's to fix: one line, no traceback
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     print(f"checkpoints: {summary['checkpoint_dir']} (step {summary['final_step']})")

@@ -332,26 +332,45 @@ class _Writers:
 
     def __init__(self, workdir: str, enabled: bool, start: int = 0):
         self.enabled = enabled
+        self.failed = False
         if enabled:
             from tensorboardX import SummaryWriter
-            path = os.path.join(workdir, "metrics.jsonl")
-            _truncate_metrics(path, start)
-            self.jsonl = open(path, "a")
+            self.path = os.path.join(workdir, "metrics.jsonl")
+            _truncate_metrics(self.path, start)
+            self.jsonl = open(self.path, "a")
             self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: dict):
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-        self.jsonl.flush()
-        for k, v in scalars.items():
-            if isinstance(v, (int, float)):
-                self.tb.add_scalar(f"train/{k}", v, step)
+        try:
+            self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+            self.jsonl.flush()
+            for k, v in scalars.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+        except OSError as e:  # a full disk: stop here, before a save could fail halfway
+            self.failed = True
+            raise MetricsWriteError(
+                f"{self.path}: the metrics of step {step} could not be written "
+                f"({e.strerror or e}); the run stopped, the checkpoints before it are "
+                "intact") from None
 
-    def close(self):
-        if self.enabled:
-            self.jsonl.close()
-            self.tb.close()
+    def close(self, quiet: bool = False):
+        """``quiet``: another error is stopping the run; a failed close must not hide it."""
+        if not self.enabled:
+            return
+        for close in (self.jsonl.close, self.tb.close):
+            try:
+                close()
+            except OSError as e:
+                if not (self.failed or quiet):  # else the run's own error is on its way
+                    raise MetricsWriteError(f"{self.path}: closing the metrics failed "
+                                            f"({e.strerror or e})") from None
+
+
+class MetricsWriteError(OSError):
+    """metrics.jsonl or the TensorBoard log could not be written (e.g. a full disk)."""
 
 
 def _truncate_metrics(path: str, last_step: int):
@@ -624,7 +643,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
         clock.close()
         if bar is not None:
             bar.close()
-        writers.close()
+        writers.close(quiet=sys.exc_info()[1] is not None)
         ckpt.close()
         inputs.close()
     summary["final_step"] = int(jax.device_get(state["step"]))

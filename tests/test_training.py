@@ -529,8 +529,9 @@ def test_all_checkpoints_damaged_is_a_clear_error(synthetic_small, tmp_path):
 
 
 def test_full_disk_stops_the_run_at_the_failed_save(synthetic_small, tmp_path):
-    """A 3 MiB filesystem holds one micro checkpoint, not two: the run stops with one
-    CheckpointSaveError naming the failure, and the first checkpoint still restores."""
+    """A 3 MiB filesystem holds one micro checkpoint, not two: the run stops with one error
+    naming the failure (of the save, or of the metrics when they meet the full disk first),
+    and the first checkpoint still restores."""
     mnt = tmp_path / "small_disk"
     mnt.mkdir()
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
@@ -540,7 +541,8 @@ def test_full_disk_stops_the_run_at_the_failed_save(synthetic_small, tmp_path):
     try:
         workdir = str(mnt / "w")
         cfg = micro_config(synthetic_small[0], total_steps=12)
-        with pytest.raises(checkpointing.CheckpointSaveError,
+        # whichever write meets the full disk first, a save or the metrics, stops the run
+        with pytest.raises((checkpointing.CheckpointSaveError, trainer.MetricsWriteError),
                            match="No space left on device|failed") as info:
             trainer.train(cfg, workdir, progress=False)
         assert "checkpoints before it are intact" in str(info.value)
@@ -552,3 +554,25 @@ def test_full_disk_stops_the_run_at_the_failed_save(synthetic_small, tmp_path):
         assert max(metrics) < 12  # it stopped, it did not train on to the end
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_metrics_that_meet_a_full_disk_stop_the_run_naming_the_file(tmp_path):
+    import errno
+
+    class FullFile:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    writers = trainer._Writers(str(tmp_path), True)
+    writers.jsonl.close()
+    writers.jsonl = FullFile()
+    with pytest.raises(trainer.MetricsWriteError,
+                       match=r"metrics.jsonl: the metrics of step 7 .*No space left"):
+        writers.write(7, {"loss": 1.0})
+    writers.close()  # quiet: the error that stopped the run was raised already
