@@ -5,8 +5,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+comma := ,
 
-.PHONY: demo figures test bench data-parallel suite corpus clean-venv
+.PHONY: demo figures test bench data-parallel suite corpus transfer study clean-venv
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +60,29 @@ suite: $(STAMP) $(DEBS_STAMP)
 HOURS ?= 3
 corpus: $(STAMP) $(DEBS_STAMP)
 	$(PY) -m dwm_jax.data.corpus --out corpus --data_dir data --hours $(HOURS)
+
+# built once: the transfer targets below need them and do not rebuild them
+SUITE_DATA  := data/audio_folder/suite_pitch
+CORPUS_DATA := data/audio_folder/corpus
+$(SUITE_DATA): | $(STAMP) $(DEBS_STAMP)
+	$(PY) -m dwm_jax.data.suite --out suite --data_dir data
+$(CORPUS_DATA): | $(STAMP) $(DEBS_STAMP)
+	$(PY) -m dwm_jax.data.corpus --out corpus --data_dir data --hours $(HOURS)
+
+# the transfer recipe (configs/transfer.py) pretrained on the corpus, its learning curve on
+# the suite (every checkpoint), then eval.py's table of its last checkpoint
+SUITE_TASKS := $(subst $(eval) ,$(comma),$(foreach t,events words speakers languages instruments pitch,audio_folder/suite_$(t)))
+transfer: $(SUITE_DATA) $(CORPUS_DATA)
+	$(PY) train.py --config=configs/transfer.py --workdir=workdirs/transfer
+	$(PY) benchmarks/learning_curve.py --workdir=workdirs/transfer --tasks=suite
+	$(PY) eval.py --workdir=workdirs/transfer --tasks=$(SUITE_TASKS) --data_dir=data
+
+# the masking study on the transfer recipe: 5 strategies x SEEDS pretrained on the corpus and
+# probed on the suite; resumes where it stopped (finished runs are kept in results.json)
+SEEDS ?= 0,1,2
+study: $(SUITE_DATA) $(CORPUS_DATA)
+	$(PY) benchmarks/study.py --config=configs/transfer.py --tasks=suite --seeds=$(SEEDS) \
+	    --outdir=docs/study_transfer
 
 # a parallel build of a folder of audio files: make data-parallel AUDIO_DIR=... NAME=... WORKERS=8
 WORKERS ?= 2

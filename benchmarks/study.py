@@ -1,13 +1,17 @@
 """The masking study: pretrain the same small model with each strategy, probe each, one table.
 
   python benchmarks/study.py --outdir docs/study                    # 5 strategies x 3 seeds
-  python benchmarks/study.py --outdir /tmp/s --tasks synthetic_sounds,audio_folder/esc50
+  make study     # the same on the transfer recipe and the cross-domain suite:
+  python benchmarks/study.py --config configs/transfer.py --tasks suite \
+      --outdir docs/study_transfer
   python benchmarks/study.py --outdir /tmp/s --strategies random,dispersion --seeds 0 \
       --total_steps 3 --size micro --dataset synthetic_sounds/small     # a smoke run
 
-Every run starts from configs/demo.py (ViT-tiny MSM-MAE, 80 x 304, batch 32, 8 epochs on
-synthetic_sounds/default) with only the masking strategy and the seed changed; the seed sets
-the initialisation, the data order and the masks. Strategies: random, inverse_block,
+Every run starts from ``--config`` (default configs/demo.py: ViT-tiny MSM-MAE, 80 x 304,
+batch 32, 8 epochs on synthetic_sounds/default; its ``get_config(masker)`` is called) with
+only the masking strategy and the seed changed; the seed sets the initialisation, the data
+order and the masks. An interrupted study resumes: finished runs are kept in results.json and
+a run in progress resumes from its last checkpoint. Strategies: random, inverse_block,
 dispersion (DWM with the hint schedule), dispersion_h0 (DWM with constant hint 0) and sgim.
 Each trained encoder is probed (embedding.Embedder + probe.evaluate_task) on every task, with
 the untrained encoder and raw log-mel statistics as baselines. Writes OUTDIR/results.json,
@@ -24,21 +28,39 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-from configs import demo  # noqa: E402
 from dwm_jax import probe, trainer  # noqa: E402
 from dwm_jax.embedding import Embedder  # noqa: E402
 
 STRATEGIES = ("random", "inverse_block", "dispersion", "dispersion_h0", "sgim")
+SUITE = tuple(f"audio_folder/suite_{t}" for t in
+              ("events", "words", "speakers", "languages", "instruments", "pitch"))
+
+
+def load_config_module(path: str):
+    """A configs/*.py file as a module (its ``get_config(masker)`` builds each run's config)."""
+    import importlib.util
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"study: --config {path}: no such file")
+    spec = importlib.util.spec_from_file_location(
+        "study_config_" + os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def study_config(strategy: str, seed: int, args):
     masker = "dispersion" if strategy == "dispersion_h0" else strategy
-    cfg = demo.get_config(masker)
+    cfg = load_config_module(args.config).get_config(masker)
     cfg.seed = seed
     cfg.probe.enabled = False
-    cfg.data.update(data_dir=args.data_dir, name=args.dataset)
+    cfg.keep_ckpts = 2                 # the study probes the last one; resuming needs one
+    cfg.data.data_dir = args.data_dir
+    if args.dataset:
+        cfg.data.name = args.dataset
     if args.size:
         cfg.model.size = args.size
     if args.total_steps:
@@ -47,7 +69,8 @@ def study_config(strategy: str, seed: int, args):
         cfg.batch_size = args.batch
     if strategy == "dispersion_h0":
         cfg.masking.hint.update(mode="constant", constant=0.0)
-    cfg.log_every = 10 if not args.total_steps else 1
+    if args.total_steps:
+        cfg.log_every = 1
     return cfg
 
 
@@ -62,6 +85,9 @@ def run_one(strategy: str, seed: int, args, tasks) -> dict:
     out = dict(strategy=strategy, seed=seed, train_s=train_s,
                examples_per_s=float(np.median([r["examples_per_s"] for r in rows[1:]] or
                                               [rows[0]["examples_per_s"]])),
+               step_ms=float(np.median([r["step_ms"] for r in rows[1:] if "step_ms" in r]
+                                       or [np.nan])),
+               total_steps=int(rows[-1]["step"]), dataset=cfg.data.name,
                mask_ms=float(np.median([r["mask_ms"] for r in rows])),
                loss_curve=[(r["step"], r["loss"]) for r in rows], tasks={})
     cache = os.path.join(args.outdir, "cache")
@@ -77,28 +103,51 @@ def run_one(strategy: str, seed: int, args, tasks) -> dict:
     return out
 
 
+def _short(task: str) -> str:
+    return task.removeprefix("audio_folder/suite_")
+
+
+def _mean_std(values) -> str:
+    v = np.asarray(values, float)
+    return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f}"
+
+
 def summarise(runs: list[dict], strategies, tasks_order) -> str:
-    lines = ["| strategy | " + " | ".join(tasks_order) + " | mean | examples/s | mask ms |",
-             "|---|" + "---:|" * (len(tasks_order) + 3)]
+    """Two markdown tables: each strategy's probe score per task and their mean (mean ± std
+    over seeds) with its step cost; then each strategy minus random, paired by seed."""
+    head = " | ".join(_short(t) for t in tasks_order)
+    lines = [f"| strategy | seeds | {head} | mean | step ms | mask ms |",
+             "|---|---:|" + "---:|" * (len(tasks_order) + 3)]
+    score = lambda r, t: r["tasks"][t]["encoder"]  # noqa: E731
+    mean_of = lambda r: np.mean([score(r, t) for t in tasks_order])  # noqa: E731
     for s in strategies:
-        mine = [r for r in runs if r["strategy"] == s]
+        mine = sorted((r for r in runs if r["strategy"] == s), key=lambda r: r["seed"])
         if not mine:
             continue
-        cells = []
-        for t in tasks_order:
-            accs = np.array([r["tasks"][t]["encoder"] for r in mine])
-            cells.append(f"{accs.mean():.3f} ± {accs.std(ddof=1) if len(accs) > 1 else 0:.3f}")
-        means = np.array([np.mean([r["tasks"][t]["encoder"] for t in tasks_order])
-                          for r in mine])
-        cells.append(f"{means.mean():.3f} ± {means.std(ddof=1) if len(means) > 1 else 0:.3f}")
-        cells.append(f"{np.mean([r['examples_per_s'] for r in mine]):.0f}")
+        cells = [str(len(mine))] + [_mean_std([score(r, t) for r in mine]) for t in tasks_order]
+        cells.append(_mean_std([mean_of(r) for r in mine]))
+        cells.append(f"{np.mean([r.get('step_ms', np.nan) for r in mine]):.0f}")
         cells.append(f"{np.mean([r['mask_ms'] for r in mine]):.2f}")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     base = next(r for r in runs if "random_init" in next(iter(r["tasks"].values())))
     for name in ("random_init", "raw_logmel"):
         cells = [f"{base['tasks'][t][name]:.3f}" for t in tasks_order]
         cells.append(f"{np.mean([base['tasks'][t][name] for t in tasks_order]):.3f}")
-        lines.append(f"| *{name.replace('_', ' ')}* | " + " | ".join(cells) + " | | |")
+        lines.append(f"| *{name.replace('_', ' ')}* | | " + " | ".join(cells) + " | | |")
+    reference = {r["seed"]: r for r in runs if r["strategy"] == "random"}
+    diffs = []
+    for s in strategies:
+        pairs = [(r, reference[r["seed"]]) for r in runs
+                 if r["strategy"] == s and s != "random" and r["seed"] in reference]
+        if not pairs:
+            continue
+        cells = [str(len(pairs))]
+        cells += [_mean_std([score(r, t) - score(q, t) for r, q in pairs]) for t in tasks_order]
+        cells.append(_mean_std([mean_of(r) - mean_of(q) for r, q in pairs]))
+        diffs.append(f"| {s} − random | " + " | ".join(cells) + " |")
+    if diffs:
+        lines += ["", f"| paired by seed | seeds | {head} | mean |",
+                  "|---|---:|" + "---:|" * (len(tasks_order) + 1)] + diffs
     return "\n".join(lines) + "\n"
 
 
@@ -142,9 +191,12 @@ def main(argv=None):
     p.add_argument("--outdir", required=True)
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--tasks", default="", help="default: the training dataset")
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.py"),
+                   help="a configs/*.py file whose get_config(masker) gives each run")
+    p.add_argument("--tasks", default="", help="comma-separated tasks; 'suite' = the six "
+                   "cross-domain suite tasks (make suite); default: the training dataset")
     p.add_argument("--data_dir", default="data")
-    p.add_argument("--dataset", default="synthetic_sounds/default")
+    p.add_argument("--dataset", default="", help="pretraining dataset (default: the config's)")
     p.add_argument("--size", default="")
     p.add_argument("--batch", type=int, default=0)
     p.add_argument("--total_steps", type=int, default=0)
@@ -154,7 +206,9 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown strategies {sorted(unknown)}; choose from {STRATEGIES}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    tasks = args.tasks.split(",") if args.tasks else [args.dataset]
+    tasks = [t for spec in args.tasks.split(",") if spec
+             for t in (SUITE if spec == "suite" else [spec])]
+    tasks = tasks or [study_config(args.strategies[0], 0, args).data.name]
     os.makedirs(args.outdir, exist_ok=True)
     path = os.path.join(args.outdir, "results.json")
     runs = json.load(open(path))["runs"] if os.path.exists(path) else []

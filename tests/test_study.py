@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_study_runs_end_to_end_at_a_tiny_size(synthetic_small, tmp_path):
     out = tmp_path / "study"
     cmd = [sys.executable, "benchmarks/study.py", f"--outdir={out}",
-           "--strategies=random,dispersion_h0", "--seeds=0,1", "--total_steps=2",
+           "--config=configs/transfer.py", "--strategies=random,dispersion_h0", "--seeds=0,1", "--total_steps=2",
            "--size=micro", "--batch=8", f"--data_dir={synthetic_small[0]}",
            "--dataset=synthetic_sounds/small"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -20,7 +20,9 @@ def test_study_runs_end_to_end_at_a_tiny_size(synthetic_small, tmp_path):
     assert sorted((r["strategy"], r["seed"]) for r in runs) == [
         ("dispersion_h0", 0), ("dispersion_h0", 1), ("random", 0), ("random", 1)]
     table = (out / "results.md").read_text()
-    assert "| random | " in table and "| dispersion_h0 | " in table and "random init" in table
+    assert "| random | 2 | " in table and "| dispersion_h0 | 2 | " in table
+    assert "random init" in table and "| dispersion_h0 − random | 2 | " in table
+    assert all(r["dataset"] == "synthetic_sounds/small" and r["total_steps"] == 2 for r in runs)
     assert (out / "study.png").stat().st_size > 10_000
     # the constant-hint variant really trained with r_h = 0
     rows = [json.loads(line) for line in
@@ -39,3 +41,32 @@ def test_train_step_benchmark_prints_every_strategy():
     lines = [l for l in res.stdout.splitlines() if l.startswith("| m2d |")]
     assert [l.split("|")[2].strip() for l in lines] == ["random", "sgim"]
     assert lines[0].rstrip().endswith("| 1.000 |")
+
+
+def test_study_names_a_missing_config(tmp_path):
+    res = subprocess.run([sys.executable, "benchmarks/study.py", f"--outdir={tmp_path}",
+                          "--config=configs/nope.py"], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode != 0 and "configs/nope.py: no such file" in res.stderr
+
+
+def test_learning_curve_probes_every_checkpoint(synthetic_small, tmp_path):
+    from tests.test_training import micro_config
+    from dwm_jax import trainer
+
+    data_dir = synthetic_small[0]
+    workdir = str(tmp_path / "run")
+    trainer.train(micro_config(data_dir, "msm_mae", "random", total_steps=8, keep_ckpts=3),
+                  workdir, progress=False)
+    cmd = [sys.executable, "benchmarks/learning_curve.py", f"--workdir={workdir}",
+           "--tasks=synthetic_sounds/small", f"--data_dir={data_dir}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    curve = json.load(open(os.path.join(workdir, "eval", "learning_curve.json")))
+    assert sorted(map(int, curve["steps"])) == [4, 8]
+    for scores in (*curve["steps"].values(), curve["random_init"], curve["raw_logmel"]):
+        assert 0.0 <= scores["synthetic_sounds/small"] <= 1.0
+    md = open(os.path.join(workdir, "eval", "learning_curve.md")).read()
+    assert md.count("\n| 4 |") == 1 and "| *raw logmel* |" in md
+    # a rerun keeps what it has: no checkpoint is probed again
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0 and "step 4:" not in res.stdout

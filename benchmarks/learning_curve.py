@@ -1,0 +1,131 @@
+"""Probe accuracy against pretraining steps: every checkpoint of a run, on every task.
+
+  python benchmarks/learning_curve.py --workdir workdirs/transfer --tasks suite
+  python benchmarks/learning_curve.py --workdir workdirs/transfer --tasks suite --steps 500,5940
+
+Each checkpoint's encoder is probed with eval.py's protocol (embedding.Embedder features,
+standardised, softmax regression with early stopping on valid); the untrained encoder and raw
+log-mel statistics are the baselines. Features are cached under WORKDIR/eval/cache with the
+keys eval.py uses, so a rerun (or a later eval.py) reuses them. Writes
+WORKDIR/eval/learning_curve.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from dwm_jax import probe  # noqa: E402
+from dwm_jax.embedding import Embedder  # noqa: E402
+
+SUITE = tuple(f"audio_folder/suite_{t}" for t in
+              ("events", "words", "speakers", "languages", "instruments", "pitch"))
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    folder = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(folder):
+        raise SystemExit(f"learning_curve: {folder}: no checkpoints")
+    return sorted(int(d) for d in os.listdir(folder) if d.isdigit())
+
+
+def _short(task: str) -> str:
+    return task.removeprefix("audio_folder/suite_")
+
+
+def table(curve: dict, tasks: list[str]) -> str:
+    """Markdown: one row per step (and the baselines), one column per task, and the mean."""
+    lines = ["| step | " + " | ".join(_short(t) for t in tasks) + " | mean |",
+             "|---:|" + "---:|" * (len(tasks) + 1)]
+    rows = [(str(s), curve["steps"][str(s)]) for s in sorted(map(int, curve["steps"]))]
+    rows += [(f"*{name.replace('_', ' ')}*", curve[name]) for name in ("random_init",
+                                                                       "raw_logmel")]
+    for label, scores in rows:
+        cells = [scores[t] for t in tasks]
+        lines.append(f"| {label} | " + " | ".join(f"{c:.3f}" for c in cells)
+                     + f" | {np.mean(cells):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(curve: dict, tasks: list[str], path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(map(int, curve["steps"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        ax.plot(steps, [curve["steps"][str(s)][t] for s in steps], "o-", label="encoder")
+        ax.axhline(curve["raw_logmel"][t], color="k", ls="--", label="raw log-mel")
+        ax.axhline(curve["random_init"][t], color="gray", ls=":", label="untrained")
+        ax.set_title(_short(t))
+        ax.set_xlabel("pretraining step")
+    axes[0][0].set_ylabel("probe test accuracy")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--tasks", default="suite", help="comma-separated; 'suite' = the six "
+                   "cross-domain suite tasks")
+    p.add_argument("--steps", default="", help="comma-separated (default: every checkpoint)")
+    p.add_argument("--data_dir", default="data")
+    args = p.parse_args(argv)
+    tasks = [t for spec in args.tasks.split(",") if spec
+             for t in (SUITE if spec == "suite" else [spec])]
+    steps = ([int(s) for s in args.steps.split(",")] if args.steps
+             else checkpoint_steps(args.workdir))
+    out_dir = os.path.join(args.workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "learning_curve.json")
+    curve = json.load(open(path)) if os.path.exists(path) else dict(steps={})
+    cache = os.path.join(out_dir, "cache")
+    for step in steps:
+        if str(step) in curve["steps"]:
+            continue
+        t0 = time.perf_counter()
+        emb = Embedder.from_workdir(args.workdir, step)
+        featurisers = {"encoder": (emb.clip_embedding, f"encoder_{emb.fingerprint}")}
+        if "raw_logmel" not in curve:  # the baselines once: they do not change with the step
+            import ml_collections
+
+            from dwm_jax import pretrained
+            config = pretrained.read_weights(args.workdir, step, ("params/encoder",)).config
+            rnd = Embedder.random_init(ml_collections.ConfigDict(config), emb.stats, seed=0)
+            featurisers["random_init"] = (rnd.clip_embedding, f"random_init_{rnd.fingerprint}")
+            featurisers["raw_logmel"] = (probe.raw_features, "raw_logmel")
+        scores = {}
+        for spec in tasks:
+            r = probe.evaluate_task(spec, args.data_dir, featurisers, cache_dir=cache)
+            for name in featurisers:
+                scores.setdefault(name, {})[r["task"]] = r[name]["test_score"]
+        curve["steps"][str(step)] = scores.pop("encoder")
+        curve.update(scores)
+        with open(path, "w") as f:  # after every step: an interrupted curve resumes
+            json.dump(curve, f, indent=1)
+        print(f"step {step}: " + ", ".join(f"{_short(t)} {v:.3f}" for t, v in
+                                           curve["steps"][str(step)].items())
+              + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+    names = list(next(iter(curve["steps"].values())))
+    md = table(curve, names)
+    with open(os.path.join(out_dir, "learning_curve.md"), "w") as f:
+        f.write(md)
+    plot(curve, names, os.path.join(out_dir, "learning_curve.png"))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
