@@ -24,10 +24,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dwm_jax import probe  # noqa: E402
+from dwm_jax.data import suite  # noqa: E402
 from dwm_jax.embedding import Embedder  # noqa: E402
 
-SUITE = tuple(f"audio_folder/suite_{t}" for t in
-              ("events", "words", "speakers", "languages", "instruments", "pitch"))
+SUITE = tuple(f"audio_folder/suite_{t}" for t in suite.TASKS)
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
