@@ -23,11 +23,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dwm_jax import probe  # noqa: E402
+from dwm_jax import pretrained, probe  # noqa: E402
 from dwm_jax.data import suite  # noqa: E402
 from dwm_jax.embedding import Embedder  # noqa: E402
 
-SUITE = tuple(f"audio_folder/suite_{t}" for t in suite.TASKS)
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -37,13 +36,9 @@ def checkpoint_steps(workdir: str) -> list[int]:
     return sorted(int(d) for d in os.listdir(folder) if d.isdigit())
 
 
-def _short(task: str) -> str:
-    return task.removeprefix("audio_folder/suite_")
-
-
 def table(curve: dict, tasks: list[str]) -> str:
     """Markdown: one row per step (and the baselines), one column per task, and the mean."""
-    lines = ["| step | " + " | ".join(_short(t) for t in tasks) + " | mean |",
+    lines = ["| step | " + " | ".join(suite.short_name(t) for t in tasks) + " | mean |",
              "|---:|" + "---:|" * (len(tasks) + 1)]
     rows = [(str(s), curve["steps"][str(s)]) for s in sorted(map(int, curve["steps"]))]
     rows += [(f"*{name.replace('_', ' ')}*", curve[name]) for name in ("random_init",
@@ -66,7 +61,7 @@ def plot(curve: dict, tasks: list[str], path: str):
         ax.plot(steps, [curve["steps"][str(s)][t] for s in steps], "o-", label="encoder")
         ax.axhline(curve["raw_logmel"][t], color="k", ls="--", label="raw log-mel")
         ax.axhline(curve["random_init"][t], color="gray", ls=":", label="untrained")
-        ax.set_title(_short(t))
+        ax.set_title(suite.short_name(t))
         ax.set_xlabel("pretraining step")
     axes[0][0].set_ylabel("probe test accuracy")
     axes[0][0].legend(fontsize=7)
@@ -84,8 +79,7 @@ def main(argv=None):
     p.add_argument("--steps", default="", help="comma-separated (default: every checkpoint)")
     p.add_argument("--data_dir", default="data")
     args = p.parse_args(argv)
-    tasks = [t for spec in args.tasks.split(",") if spec
-             for t in (SUITE if spec == "suite" else [spec])]
+    tasks = suite.task_specs(args.tasks)
     steps = ([int(s) for s in args.steps.split(",")] if args.steps
              else checkpoint_steps(args.workdir))
     out_dir = os.path.join(args.workdir, "eval")
@@ -97,14 +91,11 @@ def main(argv=None):
         if str(step) in curve["steps"]:
             continue
         t0 = time.perf_counter()
-        emb = Embedder.from_workdir(args.workdir, step)
+        encoder, stats, config = pretrained.load_encoder(args.workdir, step)
+        emb = Embedder(encoder, stats)
         featurisers = {"encoder": (emb.clip_embedding, f"encoder_{emb.fingerprint}")}
         if "raw_logmel" not in curve:  # the baselines once: they do not change with the step
-            import ml_collections
-
-            from dwm_jax import pretrained
-            config = pretrained.read_weights(args.workdir, step, ("params/encoder",)).config
-            rnd = Embedder.random_init(ml_collections.ConfigDict(config), emb.stats, seed=0)
+            rnd = Embedder.random_init(config, stats, seed=0)
             featurisers["random_init"] = (rnd.clip_embedding, f"random_init_{rnd.fingerprint}")
             featurisers["raw_logmel"] = (probe.raw_features, "raw_logmel")
         scores = {}
@@ -116,7 +107,7 @@ def main(argv=None):
         curve.update(scores)
         with open(path, "w") as f:  # after every step: an interrupted curve resumes
             json.dump(curve, f, indent=1)
-        print(f"step {step}: " + ", ".join(f"{_short(t)} {v:.3f}" for t, v in
+        print(f"step {step}: " + ", ".join(f"{suite.short_name(t)} {v:.3f}" for t, v in
                                            curve["steps"][str(step)].items())
               + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     names = list(next(iter(curve["steps"].values())))

@@ -36,7 +36,6 @@ from dwm_jax.data import suite  # noqa: E402
 from dwm_jax.embedding import Embedder  # noqa: E402
 
 STRATEGIES = ("random", "inverse_block", "dispersion", "dispersion_h0", "sgim")
-SUITE = tuple(f"audio_folder/suite_{t}" for t in suite.TASKS)
 
 
 def load_config_module(path: str):
@@ -103,10 +102,6 @@ def run_one(strategy: str, seed: int, args, tasks) -> dict:
     return out
 
 
-def _short(task: str) -> str:
-    return task.removeprefix("audio_folder/suite_")
-
-
 def _mean_std(values) -> str:
     v = np.asarray(values, float)
     return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f}"
@@ -115,7 +110,7 @@ def _mean_std(values) -> str:
 def summarise(runs: list[dict], strategies, tasks_order) -> str:
     """Two markdown tables: each strategy's probe score per task and their mean (mean ± std
     over seeds) with its step cost; then each strategy minus random, paired by seed."""
-    head = " | ".join(_short(t) for t in tasks_order)
+    head = " | ".join(suite.short_name(t) for t in tasks_order)
     lines = [f"| strategy | seeds | {head} | mean | step ms | mask ms |",
              "|---|---:|" + "---:|" * (len(tasks_order) + 3)]
     score = lambda r, t: r["tasks"][t]["encoder"]  # noqa: E731
@@ -206,8 +201,7 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown strategies {sorted(unknown)}; choose from {STRATEGIES}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    tasks = [t for spec in args.tasks.split(",") if spec
-             for t in (SUITE if spec == "suite" else [spec])]
+    tasks = suite.task_specs(args.tasks)
     tasks = tasks or [study_config(args.strategies[0], 0, args).data.name]
     os.makedirs(args.outdir, exist_ok=True)
     path = os.path.join(args.outdir, "results.json")

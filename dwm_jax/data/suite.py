@@ -47,6 +47,18 @@ SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
 RATE = 16000
 TASKS = ("events", "words", "speakers", "languages", "instruments", "pitch")
 
+
+def task_specs(specs: str) -> list[str]:
+    """Comma-separated task specs -> a list, where 'suite' stands for the six suite datasets
+    (``audio_folder/suite_<task>``)."""
+    return [t for spec in specs.split(",") if spec
+            for t in ([f"audio_folder/suite_{k}" for k in TASKS] if spec == "suite" else [spec])]
+
+
+def short_name(task: str) -> str:
+    """'audio_folder/suite_words' -> 'words' (table headers); other names as they are."""
+    return task.removeprefix("audio_folder/suite_")
+
 SPEAKERS = 16
 WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "zero", "one")
 # two disjoint vocabularies: speakers are trained on one and tested on the other
