@@ -10,7 +10,9 @@ baselines) and fine-tuning.
 A task is a built, labelled dataset: 'builder' (config 'default'), 'builder/config', or
 'audio_folder:PATH' with PATH the directory of a built dataset. Each task is probed with the
 run's encoder (latest checkpoint, or --step), the same architecture untrained (random init)
-and pooled raw log-mel statistics. Writes RUN/eval/results.json and RUN/eval/results.md and
+and pooled raw log-mel statistics (mean and std per mel bin); an encoder's clip feature is the
+mean of its time steps, the authors' protocol, or with ``--pool=mean_std`` their mean and std,
+the raw baseline's statistics. Writes RUN/eval/results.json and RUN/eval/results.md and
 prints the table; embeddings are cached under RUN/eval/cache/, keyed by a hash of the
 weights and of the task's data. ``--mode=finetune`` fine-tunes the encoder with a linear head
 on each task (``dwm_jax/finetune.py``; checkpoints under RUN/eval/finetune/, a rerun resumes)
@@ -31,6 +33,9 @@ _TASKS = flags.DEFINE_list("tasks", ["synthetic_sounds"], "comma-separated tasks
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "where datasets are (default: the run's)")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
 _NO_CACHE = flags.DEFINE_bool("no_cache", False, "recompute embeddings")
+_POOL = flags.DEFINE_enum("pool", "mean", ["mean", "mean_std"],
+                          "encoder features of a clip: the mean over its time steps (the "
+                          "authors'), or mean and std (the raw log-mel baseline's statistics)")
 _MODE = flags.DEFINE_enum("mode", "linear", ["linear", "finetune", "both"],
                           "linear probe, fine-tuning, or both")
 _FINETUNE = config_flags.DEFINE_config_file("finetune", "configs/finetune.py",
@@ -48,7 +53,8 @@ def markdown_table(results: list[dict], step: int) -> str:
              "random init (probe) | raw log-mel (probe) | chance | protocol |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in results:
-        protocol = "; ".join(p for p in (r.get("protocol"), r.get("finetune", {}).get(
+        pooled = "encoder features: mean + std over time" if r.get("pool") == "mean_std" else ""
+        protocol = "; ".join(p for p in (r.get("protocol"), pooled, r.get("finetune", {}).get(
             "protocol")) if p)
         lines.append(f"| {r['task']} | {r['num_test']} | {r['num_classes']} | {r['metric']} | "
                      f"{score(r, 'encoder')} | {score(r, 'finetune')} | "
@@ -106,9 +112,8 @@ def main(argv):
         cache = None if _NO_CACHE.value else os.path.join(workdir, "eval", "cache")
         # cache keys identify the weights (not the step: a retrained run reaches the same step)
         featurisers = {
-            "encoder": (encoder.clip_embedding, f"encoder_{encoder.fingerprint}"),
-            "random_init": (random_init.clip_embedding,
-                            f"random_init_{random_init.fingerprint}"),
+            "encoder": encoder.featuriser("encoder", _POOL.value),
+            "random_init": random_init.featuriser("random_init", _POOL.value),
             "raw_logmel": (probe.raw_features, "raw_logmel"),
         }
         for spec in _TASKS.value:
@@ -117,7 +122,7 @@ def main(argv):
             except (probe.ProbeError, FileNotFoundError, ValueError) as e:
                 print(f"eval.py: task {spec!r}: {e}", file=sys.stderr)
                 return 2
-            results[r["task"]] = {**results.get(r["task"], {}), **r}
+            results[r["task"]] = {**results.get(r["task"], {}), **r, "pool": _POOL.value}
     if _MODE.value in ("finetune", "both"):
         from dwm_jax import finetune, trainer
         for spec in _TASKS.value:

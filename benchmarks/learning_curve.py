@@ -2,12 +2,14 @@
 
   python benchmarks/learning_curve.py --workdir workdirs/transfer --tasks suite
   python benchmarks/learning_curve.py --workdir workdirs/transfer --tasks suite --steps 500,5940
+  python benchmarks/learning_curve.py --workdir workdirs/transfer --pool mean_std
 
 Each checkpoint's encoder is probed with eval.py's protocol (embedding.Embedder features,
 standardised, softmax regression with early stopping on valid); the untrained encoder and raw
 log-mel statistics are the baselines. Features are cached under WORKDIR/eval/cache with the
 keys eval.py uses, so a rerun (or a later eval.py) reuses them. Writes
-WORKDIR/eval/learning_curve.{json,md,png}.
+WORKDIR/eval/learning_curve.{json,md,png}; with ``--pool mean_std`` (encoder features: mean
+and std over time, as the raw baseline's) WORKDIR/eval/learning_curve_mean_std.*.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 from dwm_jax import pretrained, probe  # noqa: E402
 from dwm_jax.data import suite  # noqa: E402
-from dwm_jax.embedding import Embedder  # noqa: E402
+from dwm_jax.embedding import POOLINGS, Embedder  # noqa: E402
 
 
 
@@ -78,13 +80,17 @@ def main(argv=None):
                    "cross-domain suite tasks")
     p.add_argument("--steps", default="", help="comma-separated (default: every checkpoint)")
     p.add_argument("--data_dir", default="data")
+    p.add_argument("--pool", default="mean", choices=POOLINGS,
+                   help="an encoder's clip feature: the mean of its time steps, or mean and std")
     args = p.parse_args(argv)
     tasks = suite.task_specs(args.tasks)
     steps = ([int(s) for s in args.steps.split(",")] if args.steps
              else checkpoint_steps(args.workdir))
     out_dir = os.path.join(args.workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "learning_curve.json")
+    stem = os.path.join(out_dir, "learning_curve" + ("" if args.pool == "mean" else
+                                                    f"_{args.pool}"))
+    path = stem + ".json"
     curve = json.load(open(path)) if os.path.exists(path) else dict(steps={})
     cache = os.path.join(out_dir, "cache")
     for step in steps:
@@ -93,10 +99,10 @@ def main(argv=None):
         t0 = time.perf_counter()
         encoder, stats, config = pretrained.load_encoder(args.workdir, step)
         emb = Embedder(encoder, stats)
-        featurisers = {"encoder": (emb.clip_embedding, f"encoder_{emb.fingerprint}")}
+        featurisers = {"encoder": emb.featuriser("encoder", args.pool)}
         if "raw_logmel" not in curve:  # the baselines once: they do not change with the step
             rnd = Embedder.random_init(config, stats, seed=0)
-            featurisers["random_init"] = (rnd.clip_embedding, f"random_init_{rnd.fingerprint}")
+            featurisers["random_init"] = rnd.featuriser("random_init", args.pool)
             featurisers["raw_logmel"] = (probe.raw_features, "raw_logmel")
         scores = {}
         for spec in tasks:
@@ -112,9 +118,9 @@ def main(argv=None):
               + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     names = list(next(iter(curve["steps"].values())))
     md = table(curve, names)
-    with open(os.path.join(out_dir, "learning_curve.md"), "w") as f:
+    with open(stem + ".md", "w") as f:
         f.write(md)
-    plot(curve, names, os.path.join(out_dir, "learning_curve.png"))
+    plot(curve, names, stem + ".png")
     print(md)
 
 

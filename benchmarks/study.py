@@ -16,6 +16,9 @@ dispersion (DWM with the hint schedule), dispersion_h0 (DWM with constant hint 0
 Each trained encoder is probed (embedding.Embedder + probe.evaluate_task) on every task, with
 the untrained encoder and raw log-mel statistics as baselines. Writes OUTDIR/results.json,
 OUTDIR/results.md (strategy x task, mean and std over seeds, step cost) and plots.
+``--pool mean_std`` probes with the encoder's mean and std over time (the raw baseline's
+statistics) instead of the authors' mean, into OUTDIR/results_mean_std.md; runs already
+trained are only probed again.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ sys.path.insert(0, ROOT)
 
 from dwm_jax import probe, trainer  # noqa: E402
 from dwm_jax.data import suite  # noqa: E402
-from dwm_jax.embedding import Embedder  # noqa: E402
+from dwm_jax.embedding import POOLINGS, Embedder  # noqa: E402
 
 STRATEGIES = ("random", "inverse_block", "dispersion", "dispersion_h0", "sgim")
 
@@ -73,32 +76,50 @@ def study_config(strategy: str, seed: int, args):
     return cfg
 
 
-def run_one(strategy: str, seed: int, args, tasks) -> dict:
+def run_one(strategy: str, seed: int, args) -> dict:
+    """Trains one run (or resumes it) -> its record: cost and loss curve, no probe yet."""
     cfg = study_config(strategy, seed, args)
-    workdir = os.path.join(args.outdir, "runs", f"{strategy}_seed{seed}")
+    workdir = run_dir(args.outdir, strategy, seed)
     t0 = time.perf_counter()
     trainer.train(cfg, workdir, progress=False)
     train_s = time.perf_counter() - t0
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    emb = Embedder.from_workdir(workdir)
-    out = dict(strategy=strategy, seed=seed, train_s=train_s,
-               examples_per_s=float(np.median([r["examples_per_s"] for r in rows[1:]] or
-                                              [rows[0]["examples_per_s"]])),
-               step_ms=float(np.median([r["step_ms"] for r in rows[1:] if "step_ms" in r]
-                                       or [np.nan])),
-               total_steps=int(rows[-1]["step"]), dataset=cfg.data.name,
-               mask_ms=float(np.median([r["mask_ms"] for r in rows])),
-               loss_curve=[(r["step"], r["loss"]) for r in rows], tasks={})
+    return dict(strategy=strategy, seed=seed, train_s=train_s,
+                examples_per_s=float(np.median([r["examples_per_s"] for r in rows[1:]] or
+                                               [rows[0]["examples_per_s"]])),
+                step_ms=float(np.median([r["step_ms"] for r in rows[1:] if "step_ms" in r]
+                                        or [np.nan])),
+                total_steps=int(rows[-1]["step"]), dataset=cfg.data.name,
+                mask_ms=float(np.median([r["mask_ms"] for r in rows])),
+                loss_curve=[(r["step"], r["loss"]) for r in rows])
+
+
+def run_dir(outdir: str, strategy: str, seed: int) -> str:
+    return os.path.join(outdir, "runs", f"{strategy}_seed{seed}")
+
+
+def scores_key(pool: str) -> str:
+    """Where a run keeps its probe scores: 'tasks' for the authors' mean pooling (the main
+    table), 'tasks_<pool>' for another pooling."""
+    return "tasks" if pool == "mean" else f"tasks_{pool}"
+
+
+def probe_run(run: dict, args, tasks, pool: str, baselines: bool) -> dict:
+    """{task: {'encoder': score, ['random_init', 'raw_logmel',] 'num_test'}} of the run's
+    last checkpoint, its clip features pooled by ``pool``; the baselines when asked."""
+    emb = Embedder.from_workdir(run_dir(args.outdir, run["strategy"], run["seed"]))
     cache = os.path.join(args.outdir, "cache")
+    out = {}
     for spec in tasks:
-        feats = {"encoder": (emb.clip_embedding, None)}
-        if seed == args.seeds[0] and strategy == args.strategies[0]:
-            rnd = Embedder.random_init(cfg, emb.stats, seed=0)
-            feats["random_init"] = (rnd.clip_embedding, f"random_init_{rnd.fingerprint}")
+        feats = {"encoder": (emb.featuriser("encoder", pool)[0], None)}
+        if baselines:
+            cfg = study_config(run["strategy"], run["seed"], args)
+            feats["random_init"] = Embedder.random_init(cfg, emb.stats, seed=0).featuriser(
+                "random_init", pool)
             feats["raw_logmel"] = (probe.raw_features, "raw_logmel")
         r = probe.evaluate_task(spec, args.data_dir, feats, cache_dir=cache)
-        out["tasks"][r["task"]] = {k: r[k]["test_score"] for k in feats}
-        out["tasks"][r["task"]]["num_test"] = r["num_test"]
+        out[r["task"]] = {k: r[k]["test_score"] for k in feats}
+        out[r["task"]]["num_test"] = r["num_test"]
     return out
 
 
@@ -107,13 +128,15 @@ def _mean_std(values) -> str:
     return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f}"
 
 
-def summarise(runs: list[dict], strategies, tasks_order) -> str:
+def summarise(runs: list[dict], strategies, tasks_order, key: str = "tasks") -> str:
     """Two markdown tables: each strategy's probe score per task and their mean (mean ± std
-    over seeds) with its step cost; then each strategy minus random, paired by seed."""
+    over seeds) with its step cost; then each strategy minus random, paired by seed. ``key``:
+    the scores of one pooling (``scores_key``); runs without them are left out."""
+    runs = [r for r in runs if key in r]
     head = " | ".join(suite.short_name(t) for t in tasks_order)
     lines = [f"| strategy | seeds | {head} | mean | step ms | mask ms |",
              "|---|---:|" + "---:|" * (len(tasks_order) + 3)]
-    score = lambda r, t: r["tasks"][t]["encoder"]  # noqa: E731
+    score = lambda r, t: r[key][t]["encoder"]  # noqa: E731
     mean_of = lambda r: np.mean([score(r, t) for t in tasks_order])  # noqa: E731
     for s in strategies:
         mine = sorted((r for r in runs if r["strategy"] == s), key=lambda r: r["seed"])
@@ -124,10 +147,10 @@ def summarise(runs: list[dict], strategies, tasks_order) -> str:
         cells.append(f"{np.mean([r.get('step_ms', np.nan) for r in mine]):.0f}")
         cells.append(f"{np.mean([r['mask_ms'] for r in mine]):.2f}")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    base = next(r for r in runs if "random_init" in next(iter(r["tasks"].values())))
+    base = next(r for r in runs if "random_init" in next(iter(r[key].values())))
     for name in ("random_init", "raw_logmel"):
-        cells = [f"{base['tasks'][t][name]:.3f}" for t in tasks_order]
-        cells.append(f"{np.mean([base['tasks'][t][name] for t in tasks_order]):.3f}")
+        cells = [f"{base[key][t][name]:.3f}" for t in tasks_order]
+        cells.append(f"{np.mean([base[key][t][name] for t in tasks_order]):.3f}")
         lines.append(f"| *{name.replace('_', ' ')}* | | " + " | ".join(cells) + " | | |")
     reference = {r["seed"]: r for r in runs if r["strategy"] == "random"}
     diffs = []
@@ -151,6 +174,7 @@ def plots(runs, strategies, tasks_order, outdir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = [r for r in runs if "tasks" in r]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     present = [s for s in strategies if any(r["strategy"] == s for r in runs)]
     width = 0.8 / max(len(tasks_order), 1)
@@ -195,6 +219,9 @@ def main(argv=None):
     p.add_argument("--size", default="")
     p.add_argument("--batch", type=int, default=0)
     p.add_argument("--total_steps", type=int, default=0)
+    p.add_argument("--pool", default="mean", choices=POOLINGS,
+                   help="encoder clip features: the time mean (the authors'; results.md) or "
+                   "mean and std (results_mean_std.md); finished runs are only probed again")
     args = p.parse_args(argv)
     args.strategies = args.strategies.split(",")
     unknown = set(args.strategies) - set(STRATEGIES)
@@ -206,23 +233,33 @@ def main(argv=None):
     os.makedirs(args.outdir, exist_ok=True)
     path = os.path.join(args.outdir, "results.json")
     runs = json.load(open(path))["runs"] if os.path.exists(path) else []
-    done = {(r["strategy"], r["seed"]) for r in runs}
+    key = scores_key(args.pool)
+    by_run = {(r["strategy"], r["seed"]): r for r in runs}
     for seed in args.seeds:
         for strategy in args.strategies:
-            if (strategy, seed) in done:
+            r = by_run.get((strategy, seed))
+            if r is not None and key in r:
                 continue
-            r = run_one(strategy, seed, args, tasks)
-            runs.append(r)
+            if r is None:
+                r = run_one(strategy, seed, args)
+                runs.append(r)
+                by_run[(strategy, seed)] = r
+            baselines = not any(key in q and "random_init" in next(iter(q[key].values()))
+                                for q in runs)
+            r[key] = probe_run(r, args, tasks, args.pool, baselines)
             with open(path, "w") as f:  # after every run: an interrupted study resumes
                 json.dump(dict(runs=runs), f, indent=1)
             print(f"{strategy} seed {seed}: " + ", ".join(
-                f"{t} {v['encoder']:.3f}" for t, v in r["tasks"].items()) +
+                f"{t} {v['encoder']:.3f}" for t, v in r[key].items()) +
                 f" ({r['train_s']:.0f} s)", flush=True)
-    tasks_order = list(runs[0]["tasks"])
-    table = summarise(runs, args.strategies, tasks_order)
-    with open(os.path.join(args.outdir, "results.md"), "w") as f:
+    present = [s for s in STRATEGIES if any(r["strategy"] == s for r in runs)]
+    tasks_order = list(next(r[key] for r in runs if key in r))
+    table = summarise(runs, present, tasks_order, key)
+    name = "results.md" if args.pool == "mean" else f"results_{args.pool}.md"
+    with open(os.path.join(args.outdir, name), "w") as f:
         f.write(table)
-    plots(runs, args.strategies, tasks_order, args.outdir)
+    if args.pool == "mean":
+        plots(runs, present, tasks_order, args.outdir)
     print(table)
     return runs
 

@@ -4,6 +4,7 @@
     emb = Embedder.from_workdir("workdirs/demo")      # latest checkpoint; stats come with it
     steps = emb.time_features(log_mel)                # [ceil(T / 16), 5 * dim]
     clip = emb.clip_embedding(log_mel)                # [5 * dim]
+    clip = emb.clip_embedding(log_mel, pool="mean_std")   # [2 * 5 * dim]
     clip = emb.from_waveform(wave, sample_rate=44100) # resampled, log-mel, then as above
 
 Features follow the authors' runtime (``portable_m2d.encode_lms``): the input is normalised
@@ -12,7 +13,9 @@ chunk is not padded to that width, only with zeros (the normalised mean) to a wh
 patches, and runs with fewer tokens and the positions of its first time columns. The encoder
 sees every patch of a chunk (no masking); for each time step the tokens of its frequency
 patches are concatenated (Fp x dim, feature ``f * dim + d``), and a clip's embedding is the
-mean over its time steps. ``tests/test_reference.py`` checks this against the features their
+mean over its time steps (``pool="mean"``, the authors'). ``pool="mean_std"`` appends the
+standard deviation over time steps: the same statistics as the raw log-mel baseline (mean
+and std per mel bin), so the two compare on equal terms. ``tests/test_reference.py`` checks this against the features their
 runtime returned. Inputs are raw log-mel (the embedder applies the normalisation).
 """
 
@@ -39,6 +42,8 @@ from dwm_jax.data import NormStats
 # Part of every embedding cache key: bump it when the features that given weights produce
 # change. 2: the authors' positions and runtime chunking (issue #7).
 FEATURE_VERSION = 2
+# How a clip's time steps [T', D] become one vector: the authors' mean, or mean and std.
+POOLINGS = ("mean", "mean_std")
 
 
 def _bucket(n: int) -> int:
@@ -135,9 +140,24 @@ class Embedder:
             parts.append(np.asarray(self._chunks_fn(params, last))[0])
         return np.concatenate(parts)
 
-    def clip_embedding(self, log_mel: np.ndarray, params=None) -> np.ndarray:
-        """Raw log-mel [n_mels, T] -> [Fp * dim], the mean over the clip's time steps."""
-        return self.time_features(log_mel, params).mean(axis=0)
+    def clip_embedding(self, log_mel: np.ndarray, params=None, pool: str = "mean"
+                       ) -> np.ndarray:
+        """Raw log-mel [n_mels, T] -> [Fp * dim], the mean over the clip's time steps, or
+        with ``pool="mean_std"`` [2 * Fp * dim], their mean then their std."""
+        steps = self.time_features(log_mel, params)
+        if pool == "mean":
+            return steps.mean(axis=0)
+        if pool == "mean_std":
+            return np.concatenate([steps.mean(axis=0), steps.std(axis=0)])
+        raise ValueError(f"pool must be one of {POOLINGS}; got {pool!r}")
+
+    def featuriser(self, name: str, pool: str = "mean"):
+        """(log_mel -> clip vector, cache key) for probe.evaluate_task: ``name`` (e.g.
+        'encoder') and the weights' fingerprint key the cache, and the pooling unless mean."""
+        if pool not in POOLINGS:
+            raise ValueError(f"pool must be one of {POOLINGS}; got {pool!r}")
+        key = f"{name}_{self.fingerprint}" + ("" if pool == "mean" else f"_{pool}")
+        return functools.partial(self.clip_embedding, pool=pool), key
 
     def from_waveform(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
         """Mono waveform [samples] at any rate -> clip embedding (resampled to the front end's

@@ -64,6 +64,10 @@ def test_embedding_shapes_windowing_and_determinism(embedder):
     np.testing.assert_allclose(steps[:4], embedder.time_features(long[:, :64]), atol=1e-5)
     np.testing.assert_allclose(steps[4:8], embedder.time_features(long[:, 64:128]), atol=1e-5)
     np.testing.assert_allclose(embedder.clip_embedding(long), steps.mean(0), atol=1e-6)
+    np.testing.assert_allclose(embedder.clip_embedding(long, pool="mean_std"),
+                               np.concatenate([steps.mean(0), steps.std(0)]), atol=1e-6)
+    with pytest.raises(ValueError, match="pool must be one of"):
+        embedder.clip_embedding(long, pool="max")
     # the last chunk is 22 frames padded with zeros (after normalisation) to 32, not to 64,
     # and runs with the positions of the first 2 time columns (the authors' runtime)
     last = np.zeros((1, 80, 32), np.float32)
@@ -135,6 +139,18 @@ def test_eval_cli_writes_results_with_both_baselines(synthetic_small, trained_ru
     assert os.path.exists(os.path.join(cache, f"encoder_{fp}",
                                        f"synthetic_sounds_small-{data_fp}", "test.npz"))
     assert os.path.exists(os.path.join(trained_run, "eval", "results.md"))
+    # --pool=mean_std: mean and std over time, cached apart from the mean features
+    res = subprocess.run([sys.executable, "eval.py", f"--workdir={trained_run}",
+                          "--tasks=synthetic_sounds/small", "--pool=mean_std",
+                          f"--data_dir={synthetic_small[0]}"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "encoder features: mean + std over time" in res.stdout
+    split = os.path.join(f"synthetic_sounds_small-{data_fp}", "test.npz")
+    mean = np.load(os.path.join(cache, f"encoder_{fp}", split))["x"]
+    pooled = np.load(os.path.join(cache, f"encoder_{fp}_mean_std", split))["x"]
+    np.testing.assert_allclose(pooled[:, : mean.shape[1]], mean, atol=1e-6)
+    assert pooled.shape == (48, 2 * mean.shape[1]) and pooled[:, mean.shape[1]:].min() >= 0
 
 
 def test_eval_cache_follows_the_weights_not_the_step(synthetic_small, tmp_path):

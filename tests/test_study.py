@@ -31,6 +31,16 @@ def test_study_runs_end_to_end_at_a_tiny_size(synthetic_small, tmp_path):
     # a rerun resumes: nothing left to train
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0 and "seed 0:" not in res.stdout
+    # another pooling probes the trained runs again, trains nothing, keeps the first table
+    mtimes = {p: p.stat().st_mtime for p in (out / "runs").glob("*/metrics.jsonl")}
+    res = subprocess.run(cmd + ["--pool=mean_std"], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {p: p.stat().st_mtime for p in mtimes} == mtimes
+    runs = json.load(open(out / "results.json"))["runs"]
+    assert all(r["tasks"] and r["tasks_mean_std"] for r in runs)
+    pooled = (out / "results_mean_std.md").read_text()
+    assert "| random | 2 | " in pooled and "| dispersion_h0 − random | 2 | " in pooled
+    assert (out / "results.md").read_text() == table
 
 
 def test_train_step_benchmark_prints_every_strategy():
@@ -70,3 +80,10 @@ def test_learning_curve_probes_every_checkpoint(synthetic_small, tmp_path):
     # a rerun keeps what it has: no checkpoint is probed again
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0 and "step 4:" not in res.stdout
+    # mean + std pooling: its own curve beside the first
+    res = subprocess.run(cmd + ["--pool=mean_std", "--steps=8"], capture_output=True,
+                         text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    pooled = json.load(open(os.path.join(workdir, "eval", "learning_curve_mean_std.json")))
+    assert list(pooled["steps"]) == ["8"] and "raw_logmel" in pooled
+    assert pooled["raw_logmel"] == curve["raw_logmel"]
