@@ -82,7 +82,7 @@ transfer: $(SUITE_DATA) $(CORPUS_DATA)
 SEEDS ?= 0,1,2
 study: $(SUITE_DATA) $(CORPUS_DATA)
 	$(PY) benchmarks/study.py --config=configs/transfer.py --tasks=suite --seeds=$(SEEDS) \
-	    --outdir=docs/study_transfer
+	    --pool=mean,mean_std --outdir=docs/study_transfer
 
 # a parallel build of a folder of audio files: make data-parallel AUDIO_DIR=... NAME=... WORKERS=8
 WORKERS ?= 2

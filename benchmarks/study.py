@@ -16,9 +16,9 @@ dispersion (DWM with the hint schedule), dispersion_h0 (DWM with constant hint 0
 Each trained encoder is probed (embedding.Embedder + probe.evaluate_task) on every task, with
 the untrained encoder and raw log-mel statistics as baselines. Writes OUTDIR/results.json,
 OUTDIR/results.md (strategy x task, mean and std over seeds, step cost) and plots.
-``--pool mean_std`` probes with the encoder's mean and std over time (the raw baseline's
-statistics) instead of the authors' mean, into OUTDIR/results_mean_std.md; runs already
-trained are only probed again.
+``--pool mean,mean_std`` also probes with the encoder's mean and std over time (the raw
+baseline's statistics) beside the authors' mean, into OUTDIR/results_mean_std.md; runs
+already trained are only probed again.
 """
 
 from __future__ import annotations
@@ -80,9 +80,11 @@ def run_one(strategy: str, seed: int, args) -> dict:
     """Trains one run (or resumes it) -> its record: cost and loss curve, no probe yet."""
     cfg = study_config(strategy, seed, args)
     workdir = run_dir(args.outdir, strategy, seed)
+    ckpts = os.path.join(workdir, "checkpoints")
+    resumed = os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
     t0 = time.perf_counter()
     trainer.train(cfg, workdir, progress=False)
-    train_s = time.perf_counter() - t0
+    train_s = None if resumed else time.perf_counter() - t0  # a resumed run's time is partial
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     return dict(strategy=strategy, seed=seed, train_s=train_s,
                 examples_per_s=float(np.median([r["examples_per_s"] for r in rows[1:]] or
@@ -219,10 +221,13 @@ def main(argv=None):
     p.add_argument("--size", default="")
     p.add_argument("--batch", type=int, default=0)
     p.add_argument("--total_steps", type=int, default=0)
-    p.add_argument("--pool", default="mean", choices=POOLINGS,
-                   help="encoder clip features: the time mean (the authors'; results.md) or "
-                   "mean and std (results_mean_std.md); finished runs are only probed again")
+    p.add_argument("--pool", default="mean", help="comma-separated poolings of the encoder's "
+                   "clip features: mean (the authors'; results.md), mean_std (mean and std over "
+                   "time; results_mean_std.md); finished runs are only probed again")
     args = p.parse_args(argv)
+    args.pool = args.pool.split(",")
+    if not args.pool or set(args.pool) - set(POOLINGS):
+        p.error(f"--pool {','.join(args.pool)}: choose from {POOLINGS}")
     args.strategies = args.strategies.split(",")
     unknown = set(args.strategies) - set(STRATEGIES)
     if unknown:
@@ -233,34 +238,37 @@ def main(argv=None):
     os.makedirs(args.outdir, exist_ok=True)
     path = os.path.join(args.outdir, "results.json")
     runs = json.load(open(path))["runs"] if os.path.exists(path) else []
-    key = scores_key(args.pool)
     by_run = {(r["strategy"], r["seed"]): r for r in runs}
     for seed in args.seeds:
         for strategy in args.strategies:
             r = by_run.get((strategy, seed))
-            if r is not None and key in r:
-                continue
             if r is None:
                 r = run_one(strategy, seed, args)
                 runs.append(r)
                 by_run[(strategy, seed)] = r
-            baselines = not any(key in q and "random_init" in next(iter(q[key].values()))
-                                for q in runs)
-            r[key] = probe_run(r, args, tasks, args.pool, baselines)
-            with open(path, "w") as f:  # after every run: an interrupted study resumes
-                json.dump(dict(runs=runs), f, indent=1)
-            print(f"{strategy} seed {seed}: " + ", ".join(
-                f"{t} {v['encoder']:.3f}" for t, v in r[key].items()) +
-                f" ({r['train_s']:.0f} s)", flush=True)
+            for pool in args.pool:
+                key = scores_key(pool)
+                if key in r:
+                    continue
+                baselines = not any(key in q and "random_init" in next(iter(q[key].values()))
+                                    for q in runs)
+                r[key] = probe_run(r, args, tasks, pool, baselines)
+                with open(path, "w") as f:  # after every probe: an interrupted study resumes
+                    json.dump(dict(runs=runs), f, indent=1)
+                print(f"{strategy} seed {seed} ({pool}): " + ", ".join(
+                    f"{suite.short_name(t)} {v['encoder']:.3f}" for t, v in r[key].items()) +
+                    (f" ({r['train_s']:.0f} s)" if r.get("train_s") else ""), flush=True)
     present = [s for s in STRATEGIES if any(r["strategy"] == s for r in runs)]
-    tasks_order = list(next(r[key] for r in runs if key in r))
-    table = summarise(runs, present, tasks_order, key)
-    name = "results.md" if args.pool == "mean" else f"results_{args.pool}.md"
-    with open(os.path.join(args.outdir, name), "w") as f:
-        f.write(table)
-    if args.pool == "mean":
-        plots(runs, present, tasks_order, args.outdir)
-    print(table)
+    for pool in args.pool:
+        key = scores_key(pool)
+        tasks_order = list(next(r[key] for r in runs if key in r))
+        table = summarise(runs, present, tasks_order, key)
+        name = "results.md" if pool == "mean" else f"results_{pool}.md"
+        with open(os.path.join(args.outdir, name), "w") as f:
+            f.write(table)
+        if pool == "mean":
+            plots(runs, present, tasks_order, args.outdir)
+        print(table)
     return runs
 
 

@@ -30,7 +30,7 @@ def test_study_runs_end_to_end_at_a_tiny_size(synthetic_small, tmp_path):
     assert all(r["hint_ratio"] == 0.0 for r in rows)
     # a rerun resumes: nothing left to train
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    assert res.returncode == 0 and "seed 0:" not in res.stdout
+    assert res.returncode == 0 and "seed 0 (" not in res.stdout
     # another pooling probes the trained runs again, trains nothing, keeps the first table
     mtimes = {p: p.stat().st_mtime for p in (out / "runs").glob("*/metrics.jsonl")}
     res = subprocess.run(cmd + ["--pool=mean_std"], capture_output=True, text=True, cwd=REPO)
@@ -57,6 +57,9 @@ def test_study_names_a_missing_config(tmp_path):
     res = subprocess.run([sys.executable, "benchmarks/study.py", f"--outdir={tmp_path}",
                           "--config=configs/nope.py"], capture_output=True, text=True, cwd=REPO)
     assert res.returncode != 0 and "configs/nope.py: no such file" in res.stderr
+    res = subprocess.run([sys.executable, "benchmarks/study.py", f"--outdir={tmp_path}",
+                          "--pool=mean,max"], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 2 and "--pool mean,max: choose from" in res.stderr
 
 
 def test_learning_curve_probes_every_checkpoint(synthetic_small, tmp_path):
