@@ -15,8 +15,9 @@ sees every patch of a chunk (no masking); for each time step the tokens of its f
 patches are concatenated (Fp x dim, feature ``f * dim + d``), and a clip's embedding is the
 mean over its time steps (``pool="mean"``, the authors'). ``pool="mean_std"`` appends the
 standard deviation over time steps: the same statistics as the raw log-mel baseline (mean
-and std per mel bin), so the two compare on equal terms. ``tests/test_reference.py`` checks this against the features their
-runtime returned. Inputs are raw log-mel (the embedder applies the normalisation).
+and std per mel bin), so the two compare on equal terms. ``tests/test_reference.py`` checks
+the features against those their runtime returned. Inputs are raw log-mel (the embedder
+applies the normalisation).
 """
 
 from __future__ import annotations
@@ -144,12 +145,12 @@ class Embedder:
                        ) -> np.ndarray:
         """Raw log-mel [n_mels, T] -> [Fp * dim], the mean over the clip's time steps, or
         with ``pool="mean_std"`` [2 * Fp * dim], their mean then their std."""
+        if pool not in POOLINGS:
+            raise ValueError(f"pool must be one of {POOLINGS}; got {pool!r}")
         steps = self.time_features(log_mel, params)
         if pool == "mean":
             return steps.mean(axis=0)
-        if pool == "mean_std":
-            return np.concatenate([steps.mean(axis=0), steps.std(axis=0)])
-        raise ValueError(f"pool must be one of {POOLINGS}; got {pool!r}")
+        return np.concatenate([steps.mean(axis=0), steps.std(axis=0)])
 
     def featuriser(self, name: str, pool: str = "mean"):
         """(log_mel -> clip vector, cache key) for probe.evaluate_task: ``name`` (e.g.
