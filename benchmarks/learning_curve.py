@@ -7,7 +7,8 @@
 Each checkpoint's encoder is probed with eval.py's protocol (embedding.Embedder features,
 standardised, softmax regression with early stopping on valid); the untrained encoder and raw
 log-mel statistics are the baselines. Features are cached under WORKDIR/eval/cache with the
-keys eval.py uses, so a rerun (or a later eval.py) reuses them. Writes
+keys eval.py uses, so a rerun (or a later eval.py) reuses them; a task rebuilt with other
+data since (its dataset fingerprint differs) is probed again at every step. Writes
 WORKDIR/eval/learning_curve.{json,md,png}; with ``--pool mean_std`` (encoder features: mean
 and std over time, as the raw baseline's) WORKDIR/eval/learning_curve_mean_std.*.
 """
@@ -92,35 +93,48 @@ def main(argv=None):
                                                     f"_{args.pool}"))
     path = stem + ".json"
     curve = json.load(open(path)) if os.path.exists(path) else dict(steps={})
+    names, fingerprints = {}, {}
+    for spec in tasks:
+        names[spec], fingerprints[spec] = probe.task_fingerprint(spec, args.data_dir)
+    # a task rebuilt with other data since it was probed: its old scores go, probed again
+    for spec, name in names.items():
+        if curve.get("data", {}).get(name) != fingerprints[spec]:
+            for scores in (*curve["steps"].values(), curve.get("random_init", {}),
+                           curve.get("raw_logmel", {})):
+                scores.pop(name, None)
+            curve.setdefault("data", {})[name] = fingerprints[spec]
     cache = os.path.join(out_dir, "cache")
     for step in steps:
-        if str(step) in curve["steps"]:
+        todo = [t for t in tasks if names[t] not in curve["steps"].get(str(step), {})]
+        if not todo:
             continue
         t0 = time.perf_counter()
         encoder, stats, config = pretrained.load_encoder(args.workdir, step)
         emb = Embedder(encoder, stats)
-        featurisers = {"encoder": emb.featuriser("encoder", args.pool)}
-        if "raw_logmel" not in curve:  # the baselines once: they do not change with the step
-            rnd = Embedder.random_init(config, stats, seed=0)
-            featurisers["random_init"] = rnd.featuriser("random_init", args.pool)
-            featurisers["raw_logmel"] = (probe.raw_features, "raw_logmel")
-        scores = {}
-        for spec in tasks:
+        rnd = Embedder.random_init(config, stats, seed=0)
+        for spec in todo:
+            featurisers = {"encoder": emb.featuriser("encoder", args.pool)}
+            if names[spec] not in curve.get("raw_logmel", {}):  # baselines once per task
+                featurisers["random_init"] = rnd.featuriser("random_init", args.pool)
+                featurisers["raw_logmel"] = (probe.raw_features, "raw_logmel")
             r = probe.evaluate_task(spec, args.data_dir, featurisers, cache_dir=cache)
-            for name in featurisers:
-                scores.setdefault(name, {})[r["task"]] = r[name]["test_score"]
-        curve["steps"][str(step)] = scores.pop("encoder")
-        curve.update(scores)
+            curve["steps"].setdefault(str(step), {})[r["task"]] = r["encoder"]["test_score"]
+            for name in featurisers.keys() - {"encoder"}:
+                curve.setdefault(name, {})[r["task"]] = r[name]["test_score"]
         with open(path, "w") as f:  # after every step: an interrupted curve resumes
             json.dump(curve, f, indent=1)
-        print(f"step {step}: " + ", ".join(f"{suite.short_name(t)} {v:.3f}" for t, v in
-                                           curve["steps"][str(step)].items())
+        print(f"step {step}: " + ", ".join(f"{suite.short_name(names[t])} "
+                                           f"{curve['steps'][str(step)][names[t]]:.3f}"
+                                           for t in todo)
               + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
-    names = list(next(iter(curve["steps"].values())))
-    md = table(curve, names)
+    shown = [names[t] for t in tasks]
+    # the steps probed on every task asked for (not those of --steps runs on fewer)
+    shown_curve = {**curve, "steps": {k: v for k, v in curve["steps"].items()
+                                      if all(n in v for n in shown)}}
+    md = table(shown_curve, shown)
     with open(stem + ".md", "w") as f:
         f.write(md)
-    plot(curve, names, stem + ".png")
+    plot(shown_curve, shown, stem + ".png")
     print(md)
 
 

@@ -106,22 +106,23 @@ def scores_key(pool: str) -> str:
     return "tasks" if pool == "mean" else f"tasks_{pool}"
 
 
-def probe_run(run: dict, args, tasks, pool: str, baselines: bool) -> dict:
-    """{task: {'encoder': score, ['random_init', 'raw_logmel',] 'num_test'}} of the run's
-    last checkpoint, its clip features pooled by ``pool``; the baselines when asked."""
+def probe_run(run: dict, args, tasks, pool: str, baselines) -> dict:
+    """{task: {'encoder': score, ['random_init', 'raw_logmel',] 'num_test', 'data'}} of the
+    run's last checkpoint, its clip features pooled by ``pool``; the baselines on the tasks
+    in ``baselines``; 'data' is the dataset's fingerprint (probe.task_fingerprint)."""
     emb = Embedder.from_workdir(run_dir(args.outdir, run["strategy"], run["seed"]))
     cache = os.path.join(args.outdir, "cache")
     out = {}
     for spec in tasks:
         feats = {"encoder": (emb.featuriser("encoder", pool)[0], None)}
-        if baselines:
+        if spec in baselines:
             cfg = study_config(run["strategy"], run["seed"], args)
             feats["random_init"] = Embedder.random_init(cfg, emb.stats, seed=0).featuriser(
                 "random_init", pool)
             feats["raw_logmel"] = (probe.raw_features, "raw_logmel")
         r = probe.evaluate_task(spec, args.data_dir, feats, cache_dir=cache)
         out[r["task"]] = {k: r[k]["test_score"] for k in feats}
-        out[r["task"]]["num_test"] = r["num_test"]
+        out[r["task"]].update(num_test=r["num_test"], data=r["data"])
     return out
 
 
@@ -149,10 +150,12 @@ def summarise(runs: list[dict], strategies, tasks_order, key: str = "tasks") -> 
         cells.append(f"{np.mean([r.get('step_ms', np.nan) for r in mine]):.0f}")
         cells.append(f"{np.mean([r['mask_ms'] for r in mine]):.2f}")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    base = next(r for r in runs if "random_init" in next(iter(r[key].values())))
+    # each task's baselines: from the run that was probed first on its current data
+    base = {t: next(r[key][t] for r in runs if "random_init" in r[key].get(t, {}))
+            for t in tasks_order}
     for name in ("random_init", "raw_logmel"):
-        cells = [f"{base[key][t][name]:.3f}" for t in tasks_order]
-        cells.append(f"{np.mean([base[key][t][name] for t in tasks_order]):.3f}")
+        cells = [f"{base[t][name]:.3f}" for t in tasks_order]
+        cells.append(f"{np.mean([base[t][name] for t in tasks_order]):.3f}")
         lines.append(f"| *{name.replace('_', ' ')}* | | " + " | ".join(cells) + " | | |")
     reference = {r["seed"]: r for r in runs if r["strategy"] == "random"}
     diffs = []
@@ -235,6 +238,9 @@ def main(argv=None):
     args.seeds = [int(s) for s in args.seeds.split(",")]
     tasks = suite.task_specs(args.tasks)
     tasks = tasks or [study_config(args.strategies[0], 0, args).data.name]
+    names, fingerprints = {}, {}
+    for t in tasks:
+        names[t], fingerprints[t] = probe.task_fingerprint(t, args.data_dir)
     os.makedirs(args.outdir, exist_ok=True)
     path = os.path.join(args.outdir, "results.json")
     runs = json.load(open(path))["runs"] if os.path.exists(path) else []
@@ -248,15 +254,20 @@ def main(argv=None):
                 by_run[(strategy, seed)] = r
             for pool in args.pool:
                 key = scores_key(pool)
-                if key in r:
+                # tasks never probed, or rebuilt with other data since: probed (again)
+                stale = [t for t in tasks if r.get(key, {}).get(names[t], {}).get("data")
+                         != fingerprints[t]]
+                if not stale:
                     continue
-                baselines = not any(key in q and "random_init" in next(iter(q[key].values()))
-                                    for q in runs)
-                r[key] = probe_run(r, args, tasks, pool, baselines)
+                baselines = [t for t in stale if not any(
+                    "random_init" in q.get(key, {}).get(names[t], {}) and
+                    q[key][names[t]].get("data") == fingerprints[t] for q in runs)]
+                r.setdefault(key, {}).update(probe_run(r, args, stale, pool, baselines))
                 with open(path, "w") as f:  # after every probe: an interrupted study resumes
                     json.dump(dict(runs=runs), f, indent=1)
                 print(f"{strategy} seed {seed} ({pool}): " + ", ".join(
-                    f"{suite.short_name(t)} {v['encoder']:.3f}" for t, v in r[key].items()) +
+                    f"{suite.short_name(names[t])} {r[key][names[t]]['encoder']:.3f}"
+                    for t in stale) +
                     (f" ({r['train_s']:.0f} s)" if r.get("train_s") else ""), flush=True)
     present = [s for s in STRATEGIES if any(r["strategy"] == s for r in runs)]
     for pool in args.pool:

@@ -233,6 +233,13 @@ def resolve_task(spec: str, data_dir: str) -> tuple[str, str]:
     return spec, spec
 
 
+def task_fingerprint(spec: str, data_dir: str) -> tuple[str, str]:
+    """(display name, fingerprint of the built dataset): changes when the task is rebuilt
+    with other data, so stored scores can tell that they are stale."""
+    name, dataset = resolve_task(spec, data_dir)
+    return name, data_lib.dataset_fingerprint(data_dir, dataset)
+
+
 def split_names(data_dir: str, dataset: str) -> list[str]:
     import json
 
@@ -264,8 +271,8 @@ def _split_valid(x, y, frac=0.1, seed=0):
 
 def evaluate_task(spec: str, data_dir: str, featurisers: dict, *, cache_dir: str | None = None,
                   probe_kw: dict | None = None) -> dict:
-    """Probes every featuriser on one task -> {'task', 'num_test', 'num_classes', 'metric',
-    'chance', 'protocol', <featuriser name>: {test_score, test_accuracy | test_map, ...}}.
+    """Probes every featuriser on one task -> {'task', 'data' (task_fingerprint), 'num_test',
+    'num_classes', 'metric', 'chance', 'protocol', <featuriser name>: {test_score, test_accuracy | test_map, ...}}.
 
     ``featurisers``: {name: (featurise(log_mel) -> vector, cache key or None)}; the key must
     identify the featuriser (e.g. ``Embedder.fingerprint``), the data are identified here.
@@ -287,9 +294,9 @@ def evaluate_task(spec: str, data_dir: str, featurisers: dict, *, cache_dir: str
         raise ProbeError(f"task {spec!r}: all clips have one class; a probe needs two or more")
     num_classes = some_split.num_classes
     # the cache path names the data too: a rebuilt dataset never reuses old features
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-    slug = f"{slug}-{data_lib.dataset_fingerprint(data_dir, dataset)}"
-    out = dict(task=name, dataset=dataset, num_classes=num_classes,
+    fingerprint = data_lib.dataset_fingerprint(data_dir, dataset)
+    slug = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{fingerprint}"
+    out = dict(task=name, data=fingerprint, dataset=dataset, num_classes=num_classes,
                metric="mAP" if multi else "accuracy")
     kw = probe_kw or {}
     for fname, (featurise, cache_key) in featurisers.items():

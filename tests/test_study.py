@@ -41,6 +41,22 @@ def test_study_runs_end_to_end_at_a_tiny_size(synthetic_small, tmp_path):
     pooled = (out / "results_mean_std.md").read_text()
     assert "| random | 2 | " in pooled and "| dispersion_h0 − random | 2 | " in pooled
     assert (out / "results.md").read_text() == table
+    # a task rebuilt with other data since (its fingerprint differs): only its stale scores
+    # are probed again, with the baselines on the new data; nothing is trained
+    task = next(iter(runs[0]["tasks"]))
+    fresh = runs[0]["tasks"][task]["data"]
+    stale = next(r for r in runs if r["strategy"] == "dispersion_h0" and r["seed"] == 1)
+    stale["tasks"][task]["data"] = "rebuilt"
+    json.dump(dict(runs=runs), open(out / "results.json", "w"))
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {p: p.stat().st_mtime for p in mtimes} == mtimes
+    probed = [l for l in res.stdout.splitlines() if " seed " in l and "(mean)" in l]
+    assert probed == [l for l in probed if l.startswith("dispersion_h0 seed 1 (mean)")]
+    assert len(probed) == 1
+    runs = json.load(open(out / "results.json"))["runs"]
+    again = next(r for r in runs if r["strategy"] == "dispersion_h0" and r["seed"] == 1)
+    assert again["tasks"][task]["data"] == fresh
 
 
 def test_train_step_benchmark_prints_every_strategy():
@@ -90,3 +106,12 @@ def test_learning_curve_probes_every_checkpoint(synthetic_small, tmp_path):
     pooled = json.load(open(os.path.join(workdir, "eval", "learning_curve_mean_std.json")))
     assert list(pooled["steps"]) == ["8"] and "raw_logmel" in pooled
     assert pooled["raw_logmel"] == curve["raw_logmel"]
+    # the task rebuilt with other data since: every step is probed on it again
+    curve["data"]["synthetic_sounds/small"] = "rebuilt"
+    curve["steps"]["4"]["synthetic_sounds/small"] = -1.0
+    json.dump(curve, open(os.path.join(workdir, "eval", "learning_curve.json"), "w"))
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0 and "step 4:" in res.stdout and "step 8:" in res.stdout
+    again = json.load(open(os.path.join(workdir, "eval", "learning_curve.json")))
+    assert again["steps"]["4"]["synthetic_sounds/small"] >= 0.0
+    assert again["data"] != curve["data"]

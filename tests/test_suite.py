@@ -4,6 +4,7 @@ class counts are as planned, the audio is deterministic by seed, and a task buil
 
 import csv
 import hashlib
+import json
 import os
 import shutil
 
@@ -34,7 +35,7 @@ def _rows(csv_path):
 
 def _by_split(rows, column):
     return {split: {r[column] for r in rows if r["split"] == split}
-            for split in ("train", "valid", "test")}
+            for split in sorted({r["split"] for r in rows})}
 
 
 @pytest.mark.parametrize("task,column", [("words", "speaker"), ("languages", "speaker"),
@@ -42,9 +43,12 @@ def _by_split(rows, column):
                                          ("events", "condition")])
 def test_splits_are_disjoint_by_what_the_task_says(made, task, column):
     groups = _by_split(made[1][task], column)
-    assert all(groups.values())
-    assert not (groups["train"] & groups["test"]) and not (groups["train"] & groups["valid"])
-    assert not (groups["valid"] & groups["test"])
+    expected = ([f"fold{j + 1}" for j in range(suite.INSTRUMENT_FOLDS)]
+                if task == "instruments" else ["test", "train", "valid"])
+    assert sorted(groups) == expected and all(groups.values())
+    for a in groups:
+        for b in groups:
+            assert a == b or not (groups[a] & groups[b]), (task, a, b)
 
 
 def test_speakers_are_tested_on_words_they_never_said_in_training(made):
@@ -58,13 +62,16 @@ def test_speakers_are_tested_on_words_they_never_said_in_training(made):
 def test_every_class_has_the_planned_clips(made):
     expected_classes = {"events": 12, "words": 12, "speakers": 16, "languages": 10,
                         "instruments": 10, "pitch": 12}
+    per_fold = (SMALL.train + SMALL.valid + SMALL.test) // suite.INSTRUMENT_FOLDS
     for task, rows in made[1].items():
         labels = {r["label"] for r in rows}
         assert len(labels) == expected_classes[task], task
-        for split in ("train", "valid", "test"):
+        planned = ({f"fold{j + 1}": per_fold for j in range(suite.INSTRUMENT_FOLDS)}
+                   if task == "instruments" else vars(SMALL))
+        for split, clips in planned.items():
             for label in labels:
                 n = sum(r["split"] == split and r["label"] == label for r in rows)
-                assert n == getattr(SMALL, split), (task, split, label)
+                assert n == clips, (task, split, label)
     instruments = {r["label"] for r in made[1]["instruments"]}
     assert instruments == set(suite.GM_FAMILIES)
 
@@ -83,11 +90,11 @@ def test_the_audio_is_deterministic_by_seed(made, tmp_path):
     other = suite.make_task("words", str(tmp_path / "seed1"), SMALL, seed=1)
 
     def digest(root):
-        files = sorted(os.listdir(os.path.join(root, "audio", "train")))
         h = hashlib.sha256()
-        for name in files:
-            with open(os.path.join(root, "audio", "train", name), "rb") as f:
-                h.update(f.read())
+        for folder, _, files in sorted(os.walk(os.path.join(root, "audio"))):
+            for name in sorted(files):
+                with open(os.path.join(folder, name), "rb") as f:
+                    h.update(f.read())
         return h.hexdigest()
     assert digest(os.path.dirname(again)) == digest(os.path.join(out, "instruments"))
     assert digest(os.path.dirname(other)) != digest(os.path.join(out, "words"))
@@ -100,6 +107,52 @@ def test_a_task_builds_and_reads_back(made, tmp_path):
     assert len(s) == 12 * SMALL.test and len(s.label_names) == 12
     assert suite.main(["--out", str(out), "--data_dir", str(tmp_path / "data"),
                        "--tasks", "nope"]) == 2
+
+
+def test_audio_of_an_older_generator_is_remade_and_its_dataset_rebuilt(made, tmp_path):
+    out, _ = made
+    work, data_dir = tmp_path / "suite", str(tmp_path / "data")
+    shutil.copytree(out / "words", work / "words")
+    dataset = suite.build_task("words", str(work), data_dir, "small")
+    built = os.path.join(data_dir, dataset)
+    labels = work / "words" / "labels.csv"
+    made_at = labels.stat().st_mtime_ns
+    # made by this generator version, scale and seed: audio and dataset reused
+    open(os.path.join(built, "kept"), "w").close()
+    assert suite.build_task("words", str(work), data_dir, "small") == dataset
+    assert labels.stat().st_mtime_ns == made_at and os.path.exists(os.path.join(built, "kept"))
+    # a folder from before the stamps counts as version 1 (words has not changed since)
+    os.remove(work / "words" / suite.STAMP)
+    suite.build_task("words", str(work), data_dir, "small")
+    assert labels.stat().st_mtime_ns == made_at
+    # an older generator's audio, or another seed: remade, the old dataset replaced
+    for stamp in ({**suite._stamp("words", SMALL, 0), "version": 0},
+                  suite._stamp("words", SMALL, 1)):
+        json.dump(stamp, open(work / "words" / suite.STAMP, "w"))
+        open(os.path.join(built, "kept"), "w").close()
+        suite.build_task("words", str(work), data_dir, "small")
+        assert json.load(open(work / "words" / suite.STAMP)) == suite._stamp("words", SMALL, 0)
+        assert not os.path.exists(os.path.join(built, "kept"))
+        assert len(data.open_split(data_dir, dataset, "test")) == 12 * SMALL.test
+
+
+def test_each_family_is_tested_on_every_program_once_across_the_folds(made):
+    rows = made[1]["instruments"]
+    for family in suite.GM_FAMILIES:
+        mine = [r for r in rows if r["label"] == family]
+        assert {int(r["program"]) // 8 for r in mine} == {suite.GM_FAMILIES.index(family)}
+    for fold in {r["split"] for r in rows}:
+        dealt = suite.instrument_folds(0)
+        assert all(dealt[r["label"]][fold].count(int(r["program"])) == 1
+                   for r in rows if r["split"] == fold)
+    # each family's eight programs dealt out in pairs by the seed (version 1 always held out
+    # GM's last two, its odd members)
+    for seed in (0, 1):
+        for i, family in enumerate(suite.GM_FAMILIES):
+            folds = suite.instrument_folds(seed)[family]
+            assert len(folds) == suite.INSTRUMENT_FOLDS
+            assert sorted(p for f in folds.values() for p in f) == list(range(8 * i, 8 * i + 8))
+    assert suite.instrument_folds(0) != suite.instrument_folds(1)
 
 
 def test_the_corpus_is_unlabelled_mixed_and_deterministic(tmp_path):

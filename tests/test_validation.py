@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from configs import demo, m2d, maskers, msm_mae
+from configs import demo, m2d, maskers, msm_mae, transfer, transfer_long
 from dwm_jax import validation
 from tests.test_training import micro_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("module", [demo, m2d, msm_mae])
+@pytest.mark.parametrize("module", [demo, m2d, msm_mae, transfer, transfer_long])
 def test_every_shipped_config_is_valid(module):
     for variant in maskers.VARIANTS:
         validation.check_config(module.get_config(variant))
