@@ -18,7 +18,8 @@ the untrained encoder and raw log-mel statistics as baselines. Writes OUTDIR/res
 OUTDIR/results.md (strategy x task, mean and std over seeds, step cost) and plots.
 ``--pool mean,mean_std`` also probes with the encoder's mean and std over time (the raw
 baseline's statistics) beside the authors' mean, into OUTDIR/results_mean_std.md; runs
-already trained are only probed again.
+already trained are only probed again. Each score keeps its dataset's fingerprint: a task
+rebuilt with other data since (e.g. a new suite version) is probed again, nothing retrained.
 """
 
 from __future__ import annotations
