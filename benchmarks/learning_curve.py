@@ -111,10 +111,11 @@ def main(argv=None):
         t0 = time.perf_counter()
         encoder, stats, config = pretrained.load_encoder(args.workdir, step)
         emb = Embedder(encoder, stats)
-        rnd = Embedder.random_init(config, stats, seed=0)
+        rnd = None
         for spec in todo:
             featurisers = {"encoder": emb.featuriser("encoder", args.pool)}
             if names[spec] not in curve.get("raw_logmel", {}):  # baselines once per task
+                rnd = rnd or Embedder.random_init(config, stats, seed=0)
                 featurisers["random_init"] = rnd.featuriser("random_init", args.pool)
                 featurisers["raw_logmel"] = (probe.raw_features, "raw_logmel")
             r = probe.evaluate_task(spec, args.data_dir, featurisers, cache_dir=cache)

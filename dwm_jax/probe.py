@@ -272,7 +272,8 @@ def _split_valid(x, y, frac=0.1, seed=0):
 def evaluate_task(spec: str, data_dir: str, featurisers: dict, *, cache_dir: str | None = None,
                   probe_kw: dict | None = None) -> dict:
     """Probes every featuriser on one task -> {'task', 'data' (task_fingerprint), 'num_test',
-    'num_classes', 'metric', 'chance', 'protocol', <featuriser name>: {test_score, test_accuracy | test_map, ...}}.
+    'num_classes', 'metric', 'chance', 'protocol',
+    <featuriser name>: {test_score, test_accuracy | test_map, ...}}.
 
     ``featurisers``: {name: (featurise(log_mel) -> vector, cache key or None)}; the key must
     identify the featuriser (e.g. ``Embedder.fingerprint``), the data are identified here.
