@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 comma := ,
 
-.PHONY: demo figures test bench data-parallel suite suite-data corpus transfer study \
+.PHONY: demo figures test bench data-parallel suite suite-data corpus transfer study study-long \
 	transfer-seeds clean-venv
 
 $(STAMP): setup.cfg pyproject.toml
@@ -90,6 +90,13 @@ study: $(SUITE_DATA) $(CORPUS_DATA)
 # seeds 0, 1 and 2, each probed on the suite at its end: docs/transfer_long/results*.md
 transfer-seeds: $(SUITE_DATA) $(CORPUS_DATA)
 	$(PY) benchmarks/study.py --config=configs/transfer_long.py --strategies=dispersion \
+	    --tasks=suite --seeds=$(SEEDS) --pool=mean,mean_std --outdir=docs/transfer_long
+
+# the masking study on the long recipe, beside its DWM runs in docs/transfer_long (~31 min a
+# run alone, SGIM ~45): make study-long [STRATEGIES=random,inverse_block] [SEEDS=0]; resumes
+STRATEGIES ?= random,inverse_block,dispersion,dispersion_h0,sgim
+study-long: $(SUITE_DATA) $(CORPUS_DATA)
+	$(PY) benchmarks/study.py --config=configs/transfer_long.py --strategies=$(STRATEGIES) \
 	    --tasks=suite --seeds=$(SEEDS) --pool=mean,mean_std --outdir=docs/transfer_long
 
 # a parallel build of a folder of audio files: make data-parallel AUDIO_DIR=... NAME=... WORKERS=8
