@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import soundfile
 
@@ -155,10 +156,8 @@ def test_each_family_is_tested_on_every_program_once_across_the_folds(made):
     assert suite.instrument_folds(0) != suite.instrument_folds(1)
 
 
-
 def test_pitch_notes_are_of_their_class_in_the_octaves_the_front_end_resolves():
     # version 1 drew octave 2 as well (65-123 Hz), where every representation was at chance
-    import numpy as np
     for k, pitch_class in enumerate(suite.PITCH_CLASSES):
         rng = np.random.default_rng(k)
         notes = [suite.pitch_note(pitch_class, rng) for _ in range(200)]
@@ -166,6 +165,7 @@ def test_pitch_notes_are_of_their_class_in_the_octaves_the_front_end_resolves():
         midi = {n[0][0] for n in notes}
         assert {m % 12 for m in midi} == {k}
         assert {m // 12 - 1 for m in midi} == set(suite.PITCH_OCTAVES) == {3, 4, 5, 6}
+
 
 def test_the_corpus_is_unlabelled_mixed_and_deterministic(tmp_path):
     from dwm_jax.data import corpus
