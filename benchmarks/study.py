@@ -132,11 +132,16 @@ def _mean_std(values) -> str:
     return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f}"
 
 
-def summarise(runs: list[dict], strategies, tasks_order, key: str = "tasks") -> str:
+def summarise(runs: list[dict], strategies, tasks_order, key: str = "tasks",
+              fingerprints: dict | None = None) -> str:
     """Two markdown tables: each strategy's probe score per task and their mean (mean ± std
     over seeds) with its step cost; then each strategy minus random, paired by seed. ``key``:
-    the scores of one pooling (``scores_key``); runs without them are left out."""
-    runs = [r for r in runs if key in r]
+    the scores of one pooling (``scores_key``); runs without them are left out, and so are,
+    with a line naming them, runs with a score on other data than ``fingerprints`` ({task:
+    fingerprint}, the tasks as built now); the baselines come from runs on that data."""
+    runs, stale = split_current(runs, key, tasks_order, fingerprints)
+    if not runs:
+        return _left_out(stale)
     head = " | ".join(suite.short_name(t) for t in tasks_order)
     lines = [f"| strategy | seeds | {head} | mean | step ms | mask ms |",
              "|---|---:|" + "---:|" * (len(tasks_order) + 3)]
@@ -151,7 +156,7 @@ def summarise(runs: list[dict], strategies, tasks_order, key: str = "tasks") -> 
         cells.append(f"{np.mean([r.get('step_ms', np.nan) for r in mine]):.0f}")
         cells.append(f"{np.mean([r['mask_ms'] for r in mine]):.2f}")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    # each task's baselines: from the run that was probed first on its current data
+    # each task's baselines: from the first run probed with them (on the current data)
     base = {t: next(r[key][t] for r in runs if "random_init" in r[key].get(t, {}))
             for t in tasks_order}
     for name in ("random_init", "raw_logmel"):
@@ -172,7 +177,26 @@ def summarise(runs: list[dict], strategies, tasks_order, key: str = "tasks") -> 
     if diffs:
         lines += ["", f"| paired by seed | seeds | {head} | mean |",
                   "|---|---:|" + "---:|" * (len(tasks_order) + 1)] + diffs
+    if stale:
+        lines += ["", _left_out(stale).rstrip()]
     return "\n".join(lines) + "\n"
+
+
+def split_current(runs, key, tasks_order, fingerprints=None):
+    """(runs with ``key`` scores on every task of ``tasks_order`` as built now, i.e. with the
+    data fingerprint in ``fingerprints``, the other runs with ``key`` scores)."""
+    runs = [r for r in runs if key in r]
+    if not fingerprints:
+        return runs, []
+    current = lambda r: all(  # noqa: E731
+        r[key].get(t, {}).get("data") == fingerprints.get(t) for t in tasks_order)
+    return [r for r in runs if current(r)], [r for r in runs if not current(r)]
+
+
+def _left_out(stale) -> str:
+    return ("Left out, not probed on every task as built now (probe them with --strategies "
+            "and --seeds): " + ", ".join(f"{r['strategy']} seed {r['seed']}" for r in stale)
+            + ".\n")
 
 
 def plots(runs, strategies, tasks_order, outdir):
@@ -273,13 +297,15 @@ def main(argv=None):
     present = [s for s in STRATEGIES if any(r["strategy"] == s for r in runs)]
     for pool in args.pool:
         key = scores_key(pool)
-        tasks_order = list(next(r[key] for r in runs if key in r))
-        table = summarise(runs, present, tasks_order, key)
+        tasks_order = [names[t] for t in tasks]
+        now = {names[t]: fingerprints[t] for t in tasks}
+        table = summarise(runs, present, tasks_order, key, now)
         name = "results.md" if pool == "mean" else f"results_{pool}.md"
         with open(os.path.join(args.outdir, name), "w") as f:
             f.write(table)
-        if pool == "mean":
-            plots(runs, present, tasks_order, args.outdir)
+        current = split_current(runs, key, tasks_order, now)[0]
+        if pool == "mean" and current:
+            plots(current, present, tasks_order, args.outdir)
         print(table)
     return runs
 

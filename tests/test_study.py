@@ -115,3 +115,38 @@ def test_learning_curve_probes_every_checkpoint(synthetic_small, tmp_path):
     again = json.load(open(os.path.join(workdir, "eval", "learning_curve.json")))
     assert again["steps"]["4"]["synthetic_sounds/small"] >= 0.0
     assert again["data"] != curve["data"]
+
+
+def _load_study():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "study", os.path.join(REPO, "benchmarks", "study.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_leaves_out_scores_and_baselines_on_data_rebuilt_since():
+    study = _load_study()
+
+    def run(strategy, seed, score, data, baselines=None):
+        entry = dict(encoder=score, data=data, num_test=10)
+        if baselines:
+            entry.update(random_init=baselines[0], raw_logmel=baselines[1])
+        return dict(strategy=strategy, seed=seed, step_ms=1.0, mask_ms=0.1,
+                    tasks={"t": entry})
+
+    runs = [run("random", 0, 0.9, "old", (0.11, 0.12)),  # probed on the old build
+            run("random", 1, 0.5, "new", (0.21, 0.22)),
+            run("dispersion", 1, 0.7, "new")]
+    table = study.summarise(runs, ["random", "dispersion"], ["t"], "tasks", {"t": "new"})
+    assert "| random | 1 | 0.500 ± 0.000 |" in table
+    assert "| *random init* | | 0.210 |" in table and "| *raw logmel* | | 0.220 |" in table
+    assert "| dispersion − random | 1 | 0.200 ± 0.000 |" in table
+    assert table.rstrip().endswith("probe them with --strategies and --seeds): random seed 0.")
+    # without fingerprints every run counts, as before
+    assert "| random | 2 | 0.700 ± 0.283 |" in study.summarise(
+        runs, ["random", "dispersion"], ["t"])
+    # nothing on the current data: only the line naming what is left out
+    assert study.summarise(runs[:1], ["random"], ["t"], "tasks", {"t": "new"}).startswith(
+        "Left out")
