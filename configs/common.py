@@ -9,6 +9,9 @@ from configs import maskers
 from dwm_jax import objectives
 
 
+HINTED_MASKERS = ("dispersion", "sgim")  # the informed maskers; the others take no hints
+
+
 def base(objective: str = "m2d", masker: str = "dispersion") -> ml_collections.ConfigDict:
     if objective not in ("m2d", "msm_mae"):
         raise ValueError(f"objective must be 'm2d' or 'msm_mae'; got {objective!r}")
@@ -49,8 +52,9 @@ def base(objective: str = "m2d", masker: str = "dispersion") -> ml_collections.C
                if k not in ("name", "input_shape", "patch_size", "mask_ratio")}
     c.masking = ml_collections.ConfigDict(dict(
         name=mask.name, mask_ratio=mask.mask_ratio, options=options,
-        # r_h: 'schedule' (1 before start_epoch, then 1 - (e/E)^k), 'constant' or 'none' (0)
-        hint=dict(mode="schedule" if mask.name == "dispersion" else "none", start_epoch=50,
+        # r_h: 'schedule' (1 before start_epoch, then 1 - (e/E)^k), 'constant' or 'none' (0);
+        # DWM and SGIM share the hints and their schedule (docs/masking.md, SGIM step 4)
+        hint=dict(mode="schedule" if mask.name in HINTED_MASKERS else "none", start_epoch=50,
                   k=2, constant=1.0)))
 
     c.optim = ml_collections.ConfigDict(dict(

@@ -150,3 +150,25 @@ def test_summary_leaves_out_scores_and_baselines_on_data_rebuilt_since():
     # nothing on the current data: only the line naming what is left out
     assert study.summarise(runs[:1], ["random"], ["t"], "tasks", {"t": "new"}).startswith(
         "Left out")
+
+
+def test_each_study_strategy_trains_with_its_hints():
+    """DWM and SGIM follow the hint schedule (docs/masking.md, SGIM step 4); the *_h0
+    variants hold r_h at 0 with the same masker; random and inverse block take no hints."""
+    import argparse
+    study = _load_study()
+    args = argparse.Namespace(config=os.path.join(REPO, "configs", "transfer_long.py"),
+                              data_dir="data", dataset="", size="", total_steps=0, batch=0)
+    got = {}
+    for strategy in study.STRATEGIES:
+        cfg = study.study_config(strategy, 0, args)
+        got[strategy] = (cfg.masking.name, cfg.masking.hint.mode,
+                         cfg.masking.hint.constant if cfg.masking.hint.mode == "constant"
+                         else None)
+    assert got == {"random": ("random", "none", None),
+                   "inverse_block": ("inverse_block", "none", None),
+                   "dispersion": ("dispersion", "schedule", None),
+                   "dispersion_h0": ("dispersion", "constant", 0.0),
+                   "sgim": ("sgim", "schedule", None),
+                   "sgim_h0": ("sgim", "constant", 0.0)}
+    assert "sgim_h0" not in study.DEFAULT_STRATEGIES
