@@ -36,7 +36,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dwm_jax import probe, trainer  # noqa: E402
+from dwm_jax import checkpointing, probe, trainer, validation  # noqa: E402
 from dwm_jax.data import suite  # noqa: E402
 from dwm_jax.embedding import POOLINGS, Embedder  # noqa: E402
 
@@ -276,7 +276,13 @@ def main(argv=None):
         for strategy in args.strategies:
             r = by_run.get((strategy, seed))
             if r is None:
-                r = run_one(strategy, seed, args)
+                try:
+                    r = run_one(strategy, seed, args)
+                except (validation.ConfigError, checkpointing.CheckpointMismatchError,
+                        checkpointing.CheckpointDamagedError) as e:  # e.g. a run dir left by
+                    # another config of this strategy: one line naming it, exit 2
+                    print(f"study: {strategy} seed {seed}: {e}", file=sys.stderr)
+                    sys.exit(2)
                 runs.append(r)
                 by_run[(strategy, seed)] = r
             for pool in args.pool:

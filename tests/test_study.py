@@ -172,3 +172,25 @@ def test_each_study_strategy_trains_with_its_hints():
                    "sgim": ("sgim", "schedule", None),
                    "sgim_h0": ("sgim", "constant", 0.0)}
     assert "sgim_h0" not in study.DEFAULT_STRATEGIES
+
+
+def test_study_refuses_a_run_dir_left_by_another_config(synthetic_small, tmp_path):
+    """A run directory of the same name trained under other settings (here: DWM at hint 0
+    where DWM with the schedule is asked for, as SGIM's runs were before it had its schedule)
+    is never taken as finished: one line naming the directory and the field, exit 2."""
+    out = tmp_path / "study"
+    cmd = [sys.executable, "benchmarks/study.py", f"--outdir={out}",
+           "--config=configs/transfer.py", "--seeds=0", "--total_steps=2", "--size=micro",
+           "--batch=8", f"--data_dir={synthetic_small[0]}", "--dataset=synthetic_sounds/small"]
+    res = subprocess.run(cmd + ["--strategies=dispersion_h0"], capture_output=True, text=True,
+                         cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    os.rename(out / "runs" / "dispersion_h0_seed0", out / "runs" / "dispersion_seed0")
+    os.remove(out / "results.json")
+    res = subprocess.run(cmd + ["--strategies=dispersion"], capture_output=True, text=True,
+                         cwd=REPO)
+    assert res.returncode == 2, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("study: dispersion seed 0: ") and "Traceback" not in res.stderr
+    assert str(out / "runs" / "dispersion_seed0") in last and "masking.hint.mode" in last
+    assert not (out / "results.json").exists()
