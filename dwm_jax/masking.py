@@ -352,6 +352,19 @@ class Masker:
         return mask_from_visible(visible, spec.num_keep)
 
 
+    def all_hints(self, key: jax.Array, batch: int) -> Mask:
+        """The mask ``self(key, x, hint_ratio=r)`` gives for a traced ``r >= 1``, bit for bit,
+        without running the strategy: the hint swap then replaces every masked patch, so the
+        strategy's choice (and SGIM's features) cannot matter. The trainer uses it to skip
+        SGIM's encoder pass while the schedule holds r_h at 1."""
+        spec = _Spec(self.grid, self.patch_size, self.num_keep)
+        _, k_hint = jax.random.split(key)
+        any_visible = jnp.broadcast_to(jnp.arange(spec.num_patches) < spec.num_keep,
+                                       (batch, spec.num_patches))
+        return mask_from_visible(apply_hints(k_hint, any_visible, spec.num_keep, 1.0),
+                                 spec.num_keep)
+
+
 def _num_keep(n: int, mask_ratio: float) -> int:
     return int(n * (1 - mask_ratio))
 

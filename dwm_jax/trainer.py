@@ -169,11 +169,21 @@ def hint_ratio(setup: Setup, step):
 
 
 def sample_mask(setup: Setup, params, x, key, r_h) -> masking.Mask:
-    features = None
-    if setup.masker.needs_features:  # SGIM: current encoder on all patches, no gradient
+    """The step's mask for x [B, F, T] at hint ratio r_h (traced or a Python float)."""
+    masker = setup.masker
+    if not masker.needs_features:
+        return masker(key, x, hint_ratio=r_h)
+
+    def informed():  # SGIM: the current encoder on all patches, no gradient
         encoder = nnx.merge(setup.graphdef, params).encoder
         features = jax.lax.stop_gradient(encoder(x)[:, 1:].astype(jnp.float32))
-    return setup.masker(key, x, hint_ratio=r_h, features=features)
+        return masker(key, x, hint_ratio=r_h, features=features)
+
+    if not isinstance(r_h, jax.Array):  # static: the masker short-circuits r_h >= 1 itself
+        return informed()
+    # while the schedule holds r_h at 1 every masked patch is a random hint and the features
+    # are unused: skip the encoder pass (the same mask, bit for bit; Masker.all_hints)
+    return jax.lax.cond(r_h >= 1.0, lambda: masker.all_hints(key, x.shape[0]), informed)
 
 
 def train_step(setup: Setup, state: dict, x: jax.Array):

@@ -576,3 +576,30 @@ def test_metrics_that_meet_a_full_disk_stop_the_run_naming_the_file(tmp_path):
                        match=r"metrics.jsonl: the metrics of step 7 .*No space left"):
         writers.write(7, {"loss": 1.0})
     writers.close()  # quiet: the error that stopped the run was raised already
+
+
+def test_sgim_skips_its_encoder_pass_while_every_masked_patch_is_a_hint():
+    """At r_h = 1 (the schedule's warm-up) the step's SGIM mask is the one the masker gives
+    with the features, bit for bit, and the encoder pass is not in that branch; below 1 the
+    features are used as before."""
+    cfg = micro_config("unused", "m2d", "sgim")
+    setup = trainer.make_setup(cfg, steps_per_epoch=2, total_steps=10)
+    params = trainer.init_state(setup, 0)["params"]
+    x = jax.random.normal(jax.random.key(3), (4, 80, 64))
+    key = jax.random.key(7)
+    from flax import nnx
+    encoder = nnx.merge(setup.graphdef, params).encoder
+    features = encoder(x)[:, 1:].astype(jnp.float32)
+    step_mask = jax.jit(lambda r: trainer.sample_mask(setup, params, x, key, r))
+    direct = jax.jit(lambda r: setup.masker(key, x, hint_ratio=r, features=features))
+    for r in (1.0, 0.5, 0.0):
+        got, want = step_mask(jnp.float32(r)), direct(jnp.float32(r))
+        for field in got._fields:
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field),
+                                          err_msg=f"r_h {r}: {field}")
+    assert not np.array_equal(direct(jnp.float32(0.0)).mask, direct(jnp.float32(1.0)).mask)
+    jaxpr = jax.make_jaxpr(lambda r: trainer.sample_mask(setup, params, x, key, r))(
+        jnp.float32(1.0))
+    cond = next(e for e in jaxpr.eqns if e.primitive.name == "cond")
+    informed, skipped = (str(b) for b in cond.params["branches"])  # [0]: r_h >= 1 is false
+    assert "dot_general" not in skipped and "dot_general" in informed
