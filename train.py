@@ -48,7 +48,7 @@ def main(argv):
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     elif _MULTIHOST.value:
         jax.distributed.initialize()
-    from dwm_jax import trainer, validation
+    from dwm_jax import trainer
 
     cfg = _CONFIG.value
     workdir = _WORKDIR.value
@@ -57,9 +57,7 @@ def main(argv):
     except trainer.NonFiniteError as e:
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return 3
-    except (validation.ConfigError, checkpointing.CheckpointMismatchError,
-            checkpointing.CheckpointDamagedError, checkpointing.CheckpointSaveError,
-            trainer.MetricsWriteError, FileNotFoundError) as e:  # the user's to fix: one line, no traceback
+    except trainer.USER_ERRORS as e:  # the user's to fix: one line, no traceback
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     print(f"checkpoints: {summary['checkpoint_dir']} (step {summary['final_step']})")

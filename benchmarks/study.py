@@ -36,7 +36,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dwm_jax import checkpointing, probe, trainer, validation  # noqa: E402
+from dwm_jax import probe, trainer  # noqa: E402
 from dwm_jax.data import suite  # noqa: E402
 from dwm_jax.embedding import POOLINGS, Embedder  # noqa: E402
 
@@ -278,9 +278,8 @@ def main(argv=None):
             if r is None:
                 try:
                     r = run_one(strategy, seed, args)
-                except (validation.ConfigError, checkpointing.CheckpointMismatchError,
-                        checkpointing.CheckpointDamagedError) as e:  # e.g. a run dir left by
-                    # another config of this strategy: one line naming it, exit 2
+                except trainer.USER_ERRORS as e:  # e.g. a run dir left by another config
+                    # of this strategy: one line naming it, exit 2
                     print(f"study: {strategy} seed {seed}: {e}", file=sys.stderr)
                     sys.exit(2)
                 runs.append(r)

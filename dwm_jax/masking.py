@@ -351,7 +351,6 @@ class Masker:
             visible = apply_hints(k_hint, visible, spec.num_keep, hint_ratio)
         return mask_from_visible(visible, spec.num_keep)
 
-
     def all_hints(self, key: jax.Array, batch: int) -> Mask:
         """The mask ``self(key, x, hint_ratio=r)`` gives for a traced ``r >= 1``, bit for bit,
         without running the strategy: the hint swap then replaces every masked patch, so the

@@ -383,6 +383,13 @@ class MetricsWriteError(OSError):
     """metrics.jsonl or the TensorBoard log could not be written (e.g. a full disk)."""
 
 
+# The errors that are the user's to fix (a bad config, a run dir of another model, a damaged
+# checkpoint, a full disk, a missing file): entry points print them as one line, exit 2.
+USER_ERRORS = (validation.ConfigError, checkpointing.CheckpointMismatchError,
+               checkpointing.CheckpointDamagedError, checkpointing.CheckpointSaveError,
+               MetricsWriteError, FileNotFoundError)
+
+
 def _truncate_metrics(path: str, last_step: int):
     """Keeps the rows of ``path`` up to ``last_step`` (atomically; a torn last line goes)."""
     if not os.path.exists(path):
