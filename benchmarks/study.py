@@ -79,14 +79,17 @@ def study_config(strategy: str, seed: int, args):
     return cfg
 
 
-def run_one(strategy: str, seed: int, args) -> dict:
-    """Trains one run (or resumes it) -> its record: cost and loss curve, no probe yet."""
+def run_one(strategy: str, seed: int, args) -> dict | None:
+    """Trains one run (or resumes it) -> its record: cost and loss curve, no probe yet;
+    None when a SIGTERM or Ctrl-C stopped it early (its checkpoint is saved; not probed)."""
     cfg = study_config(strategy, seed, args)
     workdir = run_dir(args.outdir, strategy, seed)
     ckpts = os.path.join(workdir, "checkpoints")
     resumed = os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
     t0 = time.perf_counter()
-    trainer.train(cfg, workdir, progress=False)
+    summary = trainer.train(cfg, workdir, progress=False)
+    if "preempted_at" in summary:
+        return None
     train_s = None if resumed else time.perf_counter() - t0  # a resumed run's time is partial
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     return dict(strategy=strategy, seed=seed, train_s=train_s,
@@ -282,6 +285,10 @@ def main(argv=None):
                     # of this strategy: one line naming it, exit 2
                     print(f"study: {strategy} seed {seed}: {e}", file=sys.stderr)
                     sys.exit(2)
+                if r is None:  # stopped by a signal: a partial run is never probed
+                    print(f"study: {strategy} seed {seed}: stopped; its checkpoint is saved, "
+                          "rerun the same command to resume", file=sys.stderr)
+                    return runs
                 runs.append(r)
                 by_run[(strategy, seed)] = r
             for pool in args.pool:

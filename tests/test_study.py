@@ -194,3 +194,40 @@ def test_study_refuses_a_run_dir_left_by_another_config(synthetic_small, tmp_pat
     assert last.startswith("study: dispersion seed 0: ") and "Traceback" not in res.stderr
     assert str(out / "runs" / "dispersion_seed0") in last and "masking.hint.mode" in last
     assert not (out / "results.json").exists()
+
+
+def test_a_study_stopped_by_sigterm_probes_nothing_and_resumes(synthetic_small, tmp_path,
+                                                              monkeypatch, capsys):
+    """A SIGTERM mid-run (a preempted job, or a session's end) saves the run's checkpoint
+    and stops the study: the partial run is neither probed nor written to results.json, and
+    the same command resumes it to the full length."""
+    import signal
+
+    from dwm_jax import data
+    study = _load_study()
+    out = tmp_path / "study"
+    argv = [f"--outdir={out}", "--config=configs/transfer.py", "--strategies=random",
+            "--seeds=0", "--total_steps=4", "--size=micro", "--batch=8",
+            f"--data_dir={synthetic_small[0]}", "--dataset=synthetic_sounds/small"]
+    calls = [0]
+    original = data.DevicePrefetcher.__next__
+
+    def signalling(self):  # SIGTERM as the batch of step 2 is handed out
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(data.DevicePrefetcher, "__next__", signalling)
+    assert study.main(argv) == []
+    assert "random seed 0: stopped" in capsys.readouterr().err
+    assert not (out / "results.json").exists()
+    ckpts = out / "runs" / "random_seed0" / "checkpoints"
+    saved = sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit())
+    assert saved and saved[-1] < 4
+    monkeypatch.setattr(data.DevicePrefetcher, "__next__", original)
+    runs = study.main(argv)
+    assert [(r["strategy"], r["total_steps"]) for r in runs] == [("random", 4)]
+    assert runs[0]["train_s"] is None and runs[0]["tasks"]  # resumed: its time is partial
+    assert json.load(open(out / "results.json"))["runs"][0]["total_steps"] == 4
