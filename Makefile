@@ -52,51 +52,51 @@ $(DEBS_STAMP): $(STAMP)
 test: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP)
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
-# the cross-domain evaluation suite (dwm_jax/data/suite.py): audio under suite/, datasets
+# the cross-domain evaluation suite (dwm_jax.suite.py): audio under suite/, datasets
 # audio_folder/suite_<task> under data/, and the raw log-mel check of every task
 suite: $(STAMP) $(DEBS_STAMP)
-	$(PY) -m dwm_jax.data.suite --out suite --data_dir data
+	$(PY) -m dwm_jax.suite --out suite --data_dir data
 
-# the unlabelled pretraining corpus across domains (dwm_jax/data/corpus.py): audio_folder/corpus
+# the unlabelled pretraining corpus across domains (dwm_jax.suite.corpus.py): audio_folder/corpus
 HOURS ?= 3
 corpus: $(STAMP) $(DEBS_STAMP)
-	$(PY) -m dwm_jax.data.corpus --out corpus --data_dir data --hours $(HOURS)
+	$(PY) -m dwm_jax.suite.corpus --out corpus --data_dir data --hours $(HOURS)
 
 # the transfer targets below need them: the corpus is built once; the suite's tasks are
 # remade only where their generator changed since (seconds when nothing did)
 SUITE_DATA  := suite-data
 CORPUS_DATA := data/audio_folder/corpus
 suite-data: $(STAMP) $(DEBS_STAMP)
-	$(PY) -m dwm_jax.data.suite --out suite --data_dir data --no_check
+	$(PY) -m dwm_jax.suite --out suite --data_dir data --no_check
 $(CORPUS_DATA): | $(STAMP) $(DEBS_STAMP)
-	$(PY) -m dwm_jax.data.corpus --out corpus --data_dir data --hours $(HOURS)
+	$(PY) -m dwm_jax.suite.corpus --out corpus --data_dir data --hours $(HOURS)
 
 # the transfer recipe (configs/transfer.py) pretrained on the corpus, its learning curve on
 # the suite (every checkpoint), then eval.py's table of its last checkpoint
 SUITE_TASKS := $(subst $(eval) ,$(comma),$(foreach t,events words speakers languages instruments pitch,audio_folder/suite_$(t)))
 transfer: $(SUITE_DATA) $(CORPUS_DATA)
 	$(PY) train.py --config=configs/transfer.py --workdir=workdirs/transfer
-	$(PY) benchmarks/learning_curve.py --workdir=workdirs/transfer --tasks=suite
+	$(PY) -m dwm_jax.study.curve --workdir=workdirs/transfer --tasks=suite
 	$(PY) eval.py --workdir=workdirs/transfer --tasks=$(SUITE_TASKS) --data_dir=data
 
 # the masking study on the transfer recipe: 5 strategies x SEEDS pretrained on the corpus and
 # probed on the suite; resumes where it stopped (finished runs are kept in results.json)
 SEEDS ?= 0,1,2
 study: $(SUITE_DATA) $(CORPUS_DATA)
-	$(PY) benchmarks/study.py --config=configs/transfer.py --tasks=suite --seeds=$(SEEDS) \
+	$(PY) -m dwm_jax.study --config=configs/transfer.py --tasks=suite --seeds=$(SEEDS) \
 	    --pool=mean,mean_std --outdir=docs/study_transfer
 
 # the long transfer recipe (configs/transfer_long.py, 5940 steps, ~31 min a seed alone) with
 # seeds 0, 1 and 2, each probed on the suite at its end: docs/transfer_long/results*.md
 transfer-seeds: $(SUITE_DATA) $(CORPUS_DATA)
-	$(PY) benchmarks/study.py --config=configs/transfer_long.py --strategies=dispersion \
+	$(PY) -m dwm_jax.study --config=configs/transfer_long.py --strategies=dispersion \
 	    --tasks=suite --seeds=$(SEEDS) --pool=mean,mean_std --outdir=docs/transfer_long
 
 # the masking study on the long recipe, beside its DWM runs in docs/transfer_long (~31 min a
 # run alone, SGIM ~1.8x; twice that on an AVX2-only host): make study-long [STRATEGIES=random,inverse_block] [SEEDS=0]; resumes
 STRATEGIES ?= random,inverse_block,dispersion,dispersion_h0,sgim
 study-long: $(SUITE_DATA) $(CORPUS_DATA)
-	$(PY) benchmarks/study.py --config=configs/transfer_long.py --strategies=$(STRATEGIES) \
+	$(PY) -m dwm_jax.study --config=configs/transfer_long.py --strategies=$(STRATEGIES) \
 	    --tasks=suite --seeds=$(SEEDS) --pool=mean,mean_std --outdir=docs/transfer_long
 
 # a parallel build of a folder of audio files: make data-parallel AUDIO_DIR=... NAME=... WORKERS=8
@@ -106,8 +106,8 @@ data-parallel: $(BEAM_STAMP)
 	    --data_dir data --workers $(WORKERS)
 
 bench: $(STAMP)
-	$(PY) benchmarks/masking.py
-	$(PY) benchmarks/data.py --data_dir data
+	$(PY) -m benchmarks.masking
+	$(PY) -m benchmarks.data --data_dir data
 
 clean-venv:
 	rm -rf $(VENV)

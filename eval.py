@@ -82,6 +82,7 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
     from dwm_jax import checkpointing, probe
     from dwm_jax.embedding import Embedder
+    from dwm_jax.errors import NonFiniteError
 
     checkpointing.quiet_background_echoes()
 
@@ -124,14 +125,14 @@ def main(argv):
                 return 2
             results[r["task"]] = {**results.get(r["task"], {}), **r, "pool": _POOL.value}
     if _MODE.value in ("finetune", "both"):
-        from dwm_jax import finetune, trainer
+        from dwm_jax import finetune
         for spec in _TASKS.value:
             try:
                 ft = finetune.finetune_task(spec, data_dir, workdir, step, _FINETUNE.value,
                                             out_dir=os.path.join(out_dir, "finetune"),
                                             log=lambda line: print(line, file=sys.stderr))
             except (probe.ProbeError, FileNotFoundError, ValueError,
-                    checkpointing.CheckpointMismatchError, trainer.NonFiniteError) as e:
+                    checkpointing.CheckpointMismatchError, NonFiniteError) as e:
                 print(f"eval.py: task {spec!r}: {e}", file=sys.stderr)
                 return 2
             summary = ft.pop("task_summary")

@@ -48,16 +48,16 @@ def main(argv):
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     elif _MULTIHOST.value:
         jax.distributed.initialize()
-    from dwm_jax import trainer
+    from dwm_jax import train
 
     cfg = _CONFIG.value
     workdir = _WORKDIR.value
     try:
-        summary = trainer.train(cfg, workdir)
-    except trainer.NonFiniteError as e:
+        summary = train.train(cfg, workdir)
+    except train.NonFiniteError as e:
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return 3
-    except trainer.USER_ERRORS as e:  # the user's to fix: one line, no traceback
+    except train.USER_ERRORS as e:  # the user's to fix: one line, no traceback
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     print(f"checkpoints: {summary['checkpoint_dir']} (step {summary['final_step']})")

@@ -1,6 +1,6 @@
 """Converting a ViT-B sized checkpoint in the authors' layout: time, peak memory, fidelity.
 
-  python benchmarks/convert.py [--outdir /tmp/convert_bench] [--format npz|pth|both]
+  python -m benchmarks.convert [--outdir /tmp/convert_bench] [--format npz|pth|both]
 
 Writes a full M2D checkpoint (encoder, predictor 512/8/16, target; random weights, their
 names, Conv2d / Linear layouts, sin-cos positions and norm_stats) for 80 x 608 inputs, in a
@@ -24,7 +24,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def authors_layout_checkpoint() -> dict[str, np.ndarray]:
@@ -35,7 +34,7 @@ def authors_layout_checkpoint() -> dict[str, np.ndarray]:
     from dwm_jax.models import vit
 
     model = objectives.make_objective("m2d", size="base", input_shape=(80, 608),
-                                      decoder=objectives.M2D_PREDICTOR, rngs=nnx.Rngs(0))
+                                      decoder=objectives.OBJECTIVES["m2d"].default_decoder, rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     sd = convert.to_torch(params, model.target_init(1), "m2d", (16, 16))
     sd = {k: np.asarray(v) for k, v in sd.items()}

@@ -1,8 +1,8 @@
 """Data throughput: clips/s for building datasets and batches/s for reading them.
 
-  python benchmarks/data.py                    # builds synthetic_sounds/default in a temp dir
-  python benchmarks/data.py --data_dir data    # reuse (or build) it under data/
-  python benchmarks/data.py --probe            # also the raw-feature linear probe accuracy
+  python -m benchmarks.data                    # builds synthetic_sounds/default in a temp dir
+  python -m benchmarks.data --data_dir data    # reuse (or build) it under data/
+  python -m benchmarks.data --probe            # also the raw-feature linear probe accuracy
 
 Prints: building rate of synthetic_sounds and of an audio folder (44.1 kHz stereo wav files,
 so loading and resampling are included); reading rate of the training pipeline (random crop
@@ -74,17 +74,15 @@ def read_rate(split, batch_size: int, frames: int, workers: int, batches: int) -
 
 def demo_step_rate(steps: int = 20) -> float:
     """Training steps per second of the demo config (configs/demo.py) on this machine."""
-    import sys
-
     import jax
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from configs import demo
-    from dwm_jax import trainer
+    from dwm_jax import build
+    from dwm_jax.train import step as step_lib
 
     cfg = demo.get_config()
-    setup = trainer.make_setup(cfg, steps_per_epoch=30, total_steps=240)
-    state = trainer.init_state(setup, 0)
-    step = jax.jit(lambda s, x: trainer.train_step(setup, s, x), donate_argnums=0)
+    setup = build.make_setup(cfg, steps_per_epoch=30, total_steps=240)
+    state = build.init_state(setup, 0)
+    step = jax.jit(lambda s, x: step_lib.train_step(setup, s, x), donate_argnums=0)
     x = jax.random.normal(jax.random.key(0), (cfg.batch_size, *cfg.model.input_shape))
     for _ in range(3):
         state, m = step(state, x)

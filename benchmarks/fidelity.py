@@ -1,6 +1,6 @@
 """How close our M2D and MSM-MAE are to the authors' PyTorch code: the largest differences.
 
-  python benchmarks/fidelity.py
+  python -m benchmarks.fidelity
 
 Loads the authors' weights (tests/data/reference, through dwm_jax.convert) into our modules
 and prints, per stage, the largest absolute difference from what their code computed on the
@@ -12,18 +12,18 @@ script reuses.
 from __future__ import annotations
 
 import os
-import sys
 
 import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from test_reference import Ref, _initial_state, _setup  # noqa: E402
+from tests.test_reference import Ref, _initial_state, _setup
 
-from dwm_jax import audio, convert, data, masking, trainer  # noqa: E402
-from dwm_jax.embedding import Embedder  # noqa: E402
+from dwm_jax import audio, convert, masking
+from dwm_jax.normalisation import NormStats
+from dwm_jax.train import step as step_lib
+from dwm_jax.embedding import Embedder
 
 
 def largest(ours, theirs) -> float:
@@ -53,7 +53,7 @@ def stages(r: Ref) -> dict[str, float]:
     setup = _setup(r)
     theirs = {k[len("grads/"):]: v for k, v in z.items() if k.startswith("grads/")}
     grads = convert.from_torch({**r.state_dict, **theirs}, r.objective)["params"]
-    new = trainer.apply_gradients(setup, _initial_state(r, setup), grads)
+    new = step_lib.apply_gradients(setup, _initial_state(r, setup), grads)
     after = convert.to_torch(new["params"], new["target"] or None, r.objective, (16, 16))
     out["AdamW step on their gradients"] = max(
         largest(v, z[f"after_step/{k}"]) for k, v in after.items() if k in theirs)
@@ -61,7 +61,7 @@ def stages(r: Ref) -> dict[str, float]:
         out["EMA target after the step"] = max(largest(v, z[f"after_step/{k}"])
                                                for k, v in after.items()
                                                if k.startswith("target"))
-        emb = Embedder(m.encoder, data.NormStats(float(z["norm_mean"]), float(z["norm_std"])))
+        emb = Embedder(m.encoder, NormStats(float(z["norm_mean"]), float(z["norm_std"])))
         out["runtime features, 10 s clips"] = max(
             largest(emb.time_features(z["portable/lms_raw"][i, 0]), z["portable/features"][i])
             for i in range(2))

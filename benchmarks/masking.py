@@ -1,7 +1,7 @@
 """Cost of every mask sampler per batch, jitted, after warm-up, on this machine.
 
-    python benchmarks/masking.py                 # B = 256, 80 x 608 log-mel, 16 x 16 patches
-    python benchmarks/masking.py --batch 32 --reps 100 --json out.json
+    python -m benchmarks.masking                 # B = 256, 80 x 608 log-mel, 16 x 16 patches
+    python -m benchmarks.masking --batch 32 --reps 100 --json out.json
 
 Prints a markdown table: median ms per batch (with the interquartile range), the ratio to
 `random`, and reference rows: MAE's argsort formulation of random masking, one read of the
@@ -15,15 +15,13 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from dwm_jax import masking  # noqa: E402
+from dwm_jax import masking
 
 
 def time_interleaved(cases, reps: int, warmup: int = 3):

@@ -1,6 +1,6 @@
 """Does input overlap with compute? The loop's time per step with a slowed loader.
 
-  python benchmarks/overlap.py [--data_dir data] [--steps 40]
+  python -m benchmarks.overlap [--data_dir data] [--steps 40]
 
 Runs the training loop (the demo's model and data) three times per prefetch setting: as it
 is, and with the input path slowed by a sleep about as long as one step (and twice as long). Without overlap the
@@ -16,16 +16,14 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def run(cfg, delay_s: float) -> tuple[float, float]:
-    from dwm_jax import sharding, trainer
+    from dwm_jax import sharding, train
 
     original = sharding.global_batch_array
 
@@ -36,7 +34,7 @@ def run(cfg, delay_s: float) -> tuple[float, float]:
     sharding.global_batch_array = slowed
     workdir = tempfile.mkdtemp()
     try:
-        trainer.train(cfg, workdir, progress=False)
+        train.train(cfg, workdir, progress=False)
         rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     finally:
         sharding.global_batch_array = original

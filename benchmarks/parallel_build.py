@@ -1,8 +1,8 @@
 """Parallel dataset builds (issue #11): clips/s with 1 (in-process) and N Beam workers on the
 same folder, and the time and memory of reading each result with the training pipeline.
 
-  python benchmarks/parallel_build.py                      # 240 clips of 10 s, workers 1, 2
-  python benchmarks/parallel_build.py --clips 1000 --workers 1,b1,2,4   # b1: Beam, 1 worker
+  python -m benchmarks.parallel_build                      # 240 clips of 10 s, workers 1, 2
+  python -m benchmarks.parallel_build --clips 1000 --workers 1,b1,2,4   # b1: Beam, 1 worker
 
 Clips are 10 s, 44.1 kHz stereo WAV files made with numpy (so decoding and resampling are part
 of the cost, as for AudioSet's files). Each build starts from nothing in a temporary folder;

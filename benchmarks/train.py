@@ -1,10 +1,10 @@
 """Training step time and model FLOPs utilisation (MFU) for a config.
 
-  python benchmarks/train.py                                  # ViT-B M2D, DWM, batch 256, bf16
-  python benchmarks/train.py --batch 8 --size tiny            # something a CPU finishes
-  python benchmarks/train.py --objective msm_mae --masker random --dtype float32
-  python benchmarks/train.py --remat full       # peak memory with rematerialised blocks
-  python benchmarks/train.py --scan --compile_only  # compile time with scanned layers
+  python -m benchmarks.train                                  # ViT-B M2D, DWM, batch 256, bf16
+  python -m benchmarks.train --batch 8 --size tiny            # something a CPU finishes
+  python -m benchmarks.train --objective msm_mae --masker random --dtype float32
+  python -m benchmarks.train --remat full       # peak memory with rematerialised blocks
+  python -m benchmarks.train --scan --compile_only  # compile time with scanned layers
 
 Times the jitted step (masking included) on random input of the paper's shape 80 x 608, over
 all visible devices (data parallel), after a warm-up. FLOPs per step come from XLA's cost
@@ -16,17 +16,15 @@ peak is --peak_tflops, or for known accelerators their dense bf16 peak
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import common  # noqa: E402
-from dwm_jax import profiling, sharding, trainer  # noqa: E402
+from dwm_jax import build, profiling, sharding
+from dwm_jax import config as config_lib
+from dwm_jax.train import step as step_lib
 
 
 def main():
@@ -47,18 +45,18 @@ def main():
                    help="print the compile time and memory analysis, run no step")
     args = p.parse_args()
 
-    cfg = common.base(args.objective, args.masker)
+    cfg = config_lib.base(args.objective, args.masker)
     cfg.batch_size = args.batch
     cfg.model.size = args.size
     cfg.model.compute_dtype = args.dtype
     cfg.model.update(remat=args.remat, attention=args.attention, scan_layers=args.scan)
     mesh = sharding.make_mesh()
     sharding.check_batch(args.batch, mesh)
-    setup = trainer.make_setup(cfg, steps_per_epoch=1000, total_steps=300_000)
-    abstract = trainer.abstract_state(setup, 0)
+    setup = build.make_setup(cfg, steps_per_epoch=1000, total_steps=300_000)
+    abstract = build.abstract_state(setup, 0)
     shardings = sharding.state_shardings(abstract, mesh, fsdp=args.fsdp)
-    state = jax.jit(lambda: trainer.init_state(setup, 0), out_shardings=shardings)()
-    step = trainer.jit_train_step(setup, shardings, mesh)
+    state = jax.jit(lambda: build.init_state(setup, 0), out_shardings=shardings)()
+    step = step_lib.jit_train_step(setup, shardings, mesh)
     x = sharding.global_batch_array(
         np.random.default_rng(0).standard_normal((args.batch, 80, 608), np.float32), mesh)
 
@@ -67,7 +65,7 @@ def main():
     lower_s = time.perf_counter() - t0
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0 - lower_s
-    flops = trainer.step_flops(setup, compiled, x, jax.device_count())
+    flops = step_lib.step_flops(setup, compiled, x, jax.device_count())
     memory = compiled.memory_analysis()
     if args.compile_only:
         print(f"{args.objective} ViT-{args.size} batch {args.batch} {args.dtype} remat="

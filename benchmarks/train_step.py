@@ -1,7 +1,7 @@
 """Training-step cost of every masking strategy on the same model and batch.
 
-  python benchmarks/train_step.py                         # ViT-tiny, batch 32, 80 x 304, CPU
-  python benchmarks/train_step.py --size base --batch 256 --frames 608 --dtype bfloat16  # GPU
+  python -m benchmarks.train_step                         # ViT-tiny, batch 32, 80 x 304, CPU
+  python -m benchmarks.train_step --size base --batch 256 --frames 608 --dtype bfloat16  # GPU
 
 For each objective (M2D, MSM-MAE) and strategy: the median time of the jitted training step
 (mask sampling inside, as in training), the median time of producing the mask alone (for SGIM
@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import common  # noqa: E402
-from dwm_jax import trainer  # noqa: E402
+from dwm_jax import build, masking
+from dwm_jax import config as config_lib
+from dwm_jax.train import step as step_lib
 
-STRATEGIES = ("random", "inverse_block", "dispersion", "sgim")
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -39,18 +36,18 @@ def _median_ms(fn, reps: int) -> float:
 
 
 def measure(objective: str, strategy: str, args) -> dict:
-    cfg = common.base(objective, strategy)
+    cfg = config_lib.base(objective, strategy)
     cfg.batch_size = args.batch
     cfg.model.update(size=args.size, input_shape=(80, args.frames),
                      compute_dtype=args.dtype)
     if args.decoder_dim:
         cfg.model.decoder = dict(dim=args.decoder_dim, depth=args.decoder_depth,
                                  heads=args.decoder_heads)
-    setup = trainer.make_setup(cfg, steps_per_epoch=100, total_steps=10_000)
-    state = trainer.init_state(setup, 0)
+    setup = build.make_setup(cfg, steps_per_epoch=100, total_steps=10_000)
+    state = build.init_state(setup, 0)
     x = jax.random.normal(jax.random.key(1), (args.batch, 80, args.frames))
-    step = jax.jit(lambda s, x: trainer.train_step(setup, s, x))
-    mask = jax.jit(lambda p, x, k: trainer.sample_mask(setup, p, x, k, 0.5).mask)
+    step = jax.jit(lambda s, x: step_lib.train_step(setup, s, x))
+    mask = jax.jit(lambda p, x, k: step_lib.sample_mask(setup, p, x, k, 0.5).mask)
     step_ms = _median_ms(lambda: step(state, x)[1]["loss"], args.reps)
     mask_ms = _median_ms(lambda: mask(state["params"], x, jax.random.key(2)), args.reps)
     return dict(objective=objective, strategy=strategy, step_ms=step_ms, mask_ms=mask_ms,
@@ -61,7 +58,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--objectives", default="m2d,msm_mae")
-    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--strategies", default=",".join(masking.MASKERS))
     p.add_argument("--size", default="tiny")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--frames", type=int, default=304)

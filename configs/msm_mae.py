@@ -3,11 +3,11 @@
     python train.py --config=configs/msm_mae.py:dispersion --workdir=workdirs/msm_mae_dwm \
         --config.data.data_dir=data --config.data.name=audio_folder/audioset
 
-Variants: random, inverse_block, dispersion, sgim (and the rest of configs/maskers.py).
+Variants: any registered masker (random, time_freq, block, inverse_block, dispersion, sgim).
 """
 
-from configs import common
+from dwm_jax import config as config_lib
 
 
 def get_config(arg: str = "dispersion"):
-    return common.base("msm_mae", arg)
+    return config_lib.base("msm_mae", arg)

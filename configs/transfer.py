@@ -1,4 +1,4 @@
-"""A CPU-scale pretraining recipe for transfer (issue #9): a tiny ViT on the unlabelled
+"""A CPU-scale pretraining recipe for transfer: a tiny ViT on the unlabelled
 cross-domain corpus, judged on the cross-domain suite. 60 epochs (1980 steps, 10.5 min
 alone on 2 cores), the length the masking study (``make study``) runs at:
 
@@ -15,17 +15,15 @@ every 500 steps; ``benchmarks/learning_curve.py`` probes each (``make transfer``
 What was tried on the way here (one seed each, probe at 2000 steps) is in docs/results.md.
 """
 
-from configs import common
+from configs import demo
 
 
 def get_config(arg: str = "dispersion"):
     masker, _, objective = arg.partition(",")
-    c = common.base(objective or "msm_mae", masker or "dispersion")
-    c.batch_size = 32
+    c = demo.tiny(objective or "msm_mae", masker or "dispersion")
     c.epochs = 60                      # 1080 clips: 33 steps an epoch, 1980 steps
-    c.data.update(name="audio_folder/corpus", build_if_missing=False, worker_count=0)
-    c.model.update(size="tiny", input_shape=(80, 304), decoder=dict(dim=128, depth=2, heads=4))
-    c.optim.update(base_lr=8e-3, warmup_epochs=10)  # peak lr = 8e-3 * 32 / 256 = 1e-3
+    c.data.name = "audio_folder/corpus"
+    c.optim.warmup_epochs = 10
     c.masking.hint.update(start_epoch=13)
     c.log_every = 50
     c.ckpt_every = 500

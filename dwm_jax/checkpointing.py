@@ -15,16 +15,21 @@ from __future__ import annotations
 
 from dwm_jax._extras import require
 
-require("train", "orbax", "grain")
+require("train", "orbax")
 
 import contextlib
 import os
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+def _grain():
+    """Grain (the data extra), needed only to save or restore a data iterator's state."""
+    import grain
+    return grain
 
 
 class CheckpointMismatchError(ValueError):
@@ -128,7 +133,7 @@ class Checkpointer:
         meta = dict(meta, fingerprint=state_fingerprint(state))
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items["data"] = _grain().checkpoint.CheckpointSave(data_iterator)
         with self._save_errors(step):
             return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
@@ -175,7 +180,7 @@ class Checkpointer:
             state_args = ocp.args.StandardRestore(abstract_state)
         items = dict(state=state_args, meta=ocp.args.JsonRestore())
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            items["data"] = _grain().checkpoint.CheckpointRestore(data_iterator)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax and TensorStore raise many kinds for broken files

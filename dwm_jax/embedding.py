@@ -36,12 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dwm_jax import audio
-from dwm_jax.data import NormStats
+from dwm_jax import audio, build, weights
+from dwm_jax import config as config_lib
+from dwm_jax.normalisation import NormStats
 
 
 # Part of every embedding cache key: bump it when the features that given weights produce
-# change. 2: the authors' positions and runtime chunking (issue #7).
+# change. 2: the authors' positions and runtime chunking.
 FEATURE_VERSION = 2
 # How a clip's time steps [T', D] become one vector: the authors' mean, or mean and std.
 POOLINGS = ("mean", "mean_std")
@@ -81,20 +82,14 @@ class Embedder:
     def from_workdir(cls, workdir: str, step: int | None = None) -> "Embedder":
         """The encoder of a workdir's checkpoint (latest unless ``step``): a training run or
         a converted checkpoint of the authors'."""
-        from dwm_jax import pretrained
-
-        encoder, stats, config = pretrained.load_encoder(workdir, step)
+        encoder, stats, _ = weights.load_encoder(workdir, step)
         return cls(encoder, stats)
 
     @classmethod
     def random_init(cls, config, stats: NormStats, seed: int = 0) -> "Embedder":
         """The same architecture untrained: the baseline that shows what pretraining bought."""
-        import ml_collections
-
-        from dwm_jax import trainer
-
-        cfg = ml_collections.ConfigDict(config) if isinstance(config, dict) else config
-        return cls(trainer.build_objective(cfg, nnx.Rngs(seed)).encoder, stats)
+        cfg = config_lib.from_stored(config) if isinstance(config, dict) else config
+        return cls(build.build_objective(cfg, nnx.Rngs(seed)).encoder, stats)
 
     @functools.cached_property
     def fingerprint(self) -> str:

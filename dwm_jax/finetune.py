@@ -36,9 +36,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dwm_jax import checkpointing, probe, trainer
+from dwm_jax import build, checkpointing, probe, weights
 from dwm_jax import data as data_lib
 from dwm_jax.embedding import Embedder
+from dwm_jax.errors import NonFiniteError
 
 
 class Classifier(nnx.Module):
@@ -88,7 +89,7 @@ def make_optimizer(cfg, params, depth: int, steps_per_epoch: int, total_steps: i
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip),
         optax.adamw(schedule, weight_decay=cfg.weight_decay,
-                    mask=lambda p: trainer.decay_mask(p, decay_tokens=False)),
+                    mask=lambda p: build.decay_mask(p, decay_tokens=False)),
         optax.stateless(lambda updates, _: jax.tree.map(lambda u, s: u * s, updates, scales)))
 
 
@@ -230,7 +231,7 @@ def run(encoder, stats, train: _Clips, valid: _Clips, test: _Clips, cfg, run_dir
                 losses.append(loss)
             loss = float(np.mean(jax.device_get(losses)))
             if not np.isfinite(loss):
-                raise trainer.NonFiniteError(
+                raise NonFiniteError(
                     f"fine-tuning: non-finite loss in epoch {epoch + 1}; lower "
                     "--finetune.lr (nothing of this epoch was saved)")
             epoch += 1
@@ -261,7 +262,6 @@ def finetune_task(spec: str, data_dir: str, workdir: str, step: int,
     like the probe's: {'test_score', 'test_accuracy' | 'test_map' + 'test_auc', 'protocol',
     'best_epochs', 'epochs', 'histories' (per run: epoch, loss, valid score), 'wall_s',
     'fold_scores'?, 'task_summary'}."""
-    from dwm_jax import pretrained
 
     name, dataset = probe.resolve_task(spec, data_dir)
     plan = probe.task_splits(data_dir, dataset)
@@ -270,7 +270,7 @@ def finetune_task(spec: str, data_dir: str, workdir: str, step: int,
         raise probe.ProbeError(f"task {spec!r}: dataset {dataset} has no labels")
     multi = first.multi_label
     # every run starts from these weights (training makes new arrays; the module stays)
-    enc, stats, _ = pretrained.load_encoder(workdir, step)
+    enc, stats, _ = weights.load_encoder(workdir, step)
     identity = dict(source=Embedder(enc, stats).fingerprint, step=step,
                     data=data_lib.dataset_fingerprint(data_dir, dataset),
                     config=json.loads(cfg.to_json()))

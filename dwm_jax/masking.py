@@ -39,7 +39,9 @@ __all__ = [
     "Masker",
     "MASKERS",
     "make_masker",
+    "MaskerEntry",
     "register_masker",
+    "hinted_maskers",
     "hint_schedule",
     "num_hints",
     "patch_grid",
@@ -390,17 +392,64 @@ def _topped_up(key, prior_masked: jax.Array, spec: _Spec) -> jax.Array:
     return select_lowest(prior_masked.astype(jnp.float32) + u, spec.num_keep)
 
 
+# ----------------------------------------------------------------------------------------
+# Registry: each strategy is declared once, by the decorator on its factory
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskerEntry:
+    """A registered strategy.
+
+    factory: ``factory((grid, num_keep, mask_ratio), **options) -> (visible_fn, resolved)``
+      where ``visible_fn(spec, key, x, features) -> bool [B, N]`` has exactly K True per row
+      and ``resolved`` is the dict of options it used.
+    defaults: the options a config spells out, with their default values.
+    takes_hints: whether the strategy is meant to run under the hint schedule (the informed
+      maskers); configs give it the schedule by default.
+    needs_features: whether a call needs patch ``features [B, N, D]`` (SGIM).
+    """
+
+    name: str
+    factory: Callable
+    defaults: dict
+    takes_hints: bool = False
+    needs_features: bool = False
+
+
+MASKERS: dict[str, MaskerEntry] = {}
+
+
+def register_masker(name: str, *, defaults: dict | None = None, takes_hints: bool = False,
+                    needs_features: bool = False):
+    """Decorator declaring a strategy under ``name`` (see :class:`MaskerEntry`)."""
+    def deco(factory):
+        if name in MASKERS:
+            raise ValueError(f"a masker named {name!r} is already registered")
+        MASKERS[name] = MaskerEntry(name, factory, dict(defaults or {}), takes_hints,
+                                    needs_features)
+        return factory
+    return deco
+
+
+def hinted_maskers() -> tuple[str, ...]:
+    """The registered strategies that take hints."""
+    return tuple(n for n, e in MASKERS.items() if e.takes_hints)
+
+
 # -- random --------------------------------------------------------------------------------
 
+@register_masker("random")
 def _make_random(spec_args):
     def visible(spec, key, x, features):
         return _random_visible_mask(key, x.shape[0], spec)
-    return visible, {}, False
+    return visible, {}
 
 
 # -- time / frequency (Audio-MAE) ----------------------------------------------------------
 
-def _make_time_freq(spec_args, time_ratio=0.7, freq_ratio=0.3):
+@register_masker("time_freq", defaults=dict(time_ratio=0.7, freq_ratio=0.3))
+def _make_time_freq(spec_args, *, time_ratio, freq_ratio):
     for name, r in (("time_ratio", time_ratio), ("freq_ratio", freq_ratio)):
         if not 0.0 <= r < 1.0:
             raise ValueError(f"time_freq: {name} must be in [0, 1); got {r}")
@@ -411,7 +460,7 @@ def _make_time_freq(spec_args, time_ratio=0.7, freq_ratio=0.3):
         lines = time_freq_lines(k_t, k_f, x.shape[0], spec.grid, time_ratio, freq_ratio)
         return _topped_up(k_fix, lines.reshape(x.shape[0], fp * tp), spec)
 
-    return visible, dict(time_ratio=time_ratio, freq_ratio=freq_ratio), False
+    return visible, dict(time_ratio=time_ratio, freq_ratio=freq_ratio)
 
 
 def time_freq_lines(key_t, key_f, batch: int, grid, time_ratio: float, freq_ratio: float):
@@ -428,7 +477,8 @@ def time_freq_lines(key_t, key_f, batch: int, grid, time_ratio: float, freq_rati
 _LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
 
 
-def _make_block(spec_args, min_patches=16, tries=10, max_rounds=None):
+@register_masker("block", defaults=dict(min_patches=16))
+def _make_block(spec_args, *, min_patches, tries=10, max_rounds=None):
     grid, num_keep, _ = spec_args
     n = grid[0] * grid[1]
     num_masked = n - num_keep
@@ -453,7 +503,7 @@ def _make_block(spec_args, min_patches=16, tries=10, max_rounds=None):
                             min_patches, tries, rounds)
         return _topped_up(k_fix, blocks.reshape(x.shape[0], -1), spec)
 
-    return visible, dict(min_patches=min_patches, tries=tries, max_rounds=rounds), False
+    return visible, dict(min_patches=min_patches, tries=tries, max_rounds=rounds)
 
 
 def block_mask(key, batch: int, grid, num_masked: int, min_patches: int, tries: int = 10,
@@ -505,7 +555,8 @@ def block_mask(key, batch: int, grid, num_masked: int, min_patches: int, tries: 
 
 # -- inverse block (data2vec 2.0 / EAT) ---------------------------------------------------
 
-def _make_inverse_block(spec_args, block_size=5, adjust=0.07):
+@register_masker("inverse_block", defaults=dict(block_size=5, adjust=0.07))
+def _make_inverse_block(spec_args, *, block_size, adjust):
     grid, _, mask_ratio = spec_args
     b = int(block_size)
     if b < 1 or b > min(grid):
@@ -524,7 +575,7 @@ def _make_inverse_block(spec_args, block_size=5, adjust=0.07):
         painted = inverse_block_paint(k_centre, x.shape[0], spec.grid, b, num_centres)
         return _topped_up(k_fix, ~painted.reshape(x.shape[0], -1), spec)
 
-    return visible, dict(block_size=b, adjust=adjust, num_centres=num_centres), False
+    return visible, dict(block_size=b, adjust=adjust, num_centres=num_centres)
 
 
 def inverse_block_paint(key, batch: int, grid, block_size: int, num_centres: int) -> jax.Array:
@@ -549,7 +600,9 @@ def paint_squares(centres: jax.Array, grid, block_size: int) -> jax.Array:
 
 # -- dispersion-weighted masking (DWM) ----------------------------------------------------
 
-def _make_dispersion(spec_args, metric="mad", deterministic=False, granularity="patch"):
+@register_masker("dispersion", takes_hints=True,
+                 defaults=dict(metric="mad", deterministic=False, granularity="patch"))
+def _make_dispersion(spec_args, *, metric, deterministic, granularity):
     if metric not in ("mad", "variance"):
         raise ValueError(f"dispersion: metric must be 'mad' or 'variance'; got {metric!r}")
     if granularity not in ("patch", "frequency"):
@@ -568,13 +621,13 @@ def _make_dispersion(spec_args, metric="mad", deterministic=False, granularity="
         score = jnp.log(weight) + jax.random.gumbel(key, weight.shape)
         return select_lowest(score, spec.num_keep)
 
-    return visible, dict(metric=metric, deterministic=deterministic,
-                         granularity=granularity), False
+    return visible, dict(metric=metric, deterministic=deterministic, granularity=granularity)
 
 
 # -- SGIM (informed masking from features) ------------------------------------------------
 
-def _make_sgim(spec_args, pca_iters=32):
+@register_masker("sgim", takes_hints=True, needs_features=True, defaults=dict(pca_iters=32))
+def _make_sgim(spec_args, *, pca_iters):
     if int(pca_iters) < 1:
         raise ValueError(f"sgim: pca_iters must be >= 1; got {pca_iters}")
 
@@ -582,7 +635,7 @@ def _make_sgim(spec_args, pca_iters=32):
         score = sgim_scores(features, int(pca_iters))
         return select_lowest(-score, spec.num_keep, tiebreak_key=key)
 
-    return visible, dict(pca_iters=int(pca_iters)), True
+    return visible, dict(pca_iters=int(pca_iters))
 
 
 def _l2_normalise(v, axis=-1):
@@ -611,31 +664,8 @@ def sgim_scores(features: jax.Array, pca_iters: int = 32) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------
-# Registry and constructor
+# Constructor
 # ----------------------------------------------------------------------------------------
-
-MASKERS: dict[str, Callable] = {
-    "random": _make_random,
-    "time_freq": _make_time_freq,
-    "block": _make_block,
-    "inverse_block": _make_inverse_block,
-    "dispersion": _make_dispersion,
-    "sgim": _make_sgim,
-}
-
-
-def register_masker(name: str):
-    """Decorator adding a strategy. The decorated
-    ``factory((grid, num_keep, mask_ratio), **options)``
-    returns ``(visible_fn, resolved_options, needs_features)`` where
-    ``visible_fn(spec, key, x, features) -> bool [B, N]`` with exactly K True per row."""
-    def deco(factory):
-        if name in MASKERS:
-            raise ValueError(f"a masker named {name!r} is already registered")
-        MASKERS[name] = factory
-        return factory
-    return deco
-
 
 def make_masker(name: str, *, input_shape=(80, 608), patch_size=(16, 16),
                 mask_ratio: float, **options) -> Masker:
@@ -657,11 +687,12 @@ def make_masker(name: str, *, input_shape=(80, 608), patch_size=(16, 16),
     if not 1 <= num_keep <= n - 1:
         raise ValueError(f"mask_ratio {mask_ratio} on a {grid[0]} x {grid[1]} grid ({n} "
                          f"patches) leaves {num_keep} visible; need 1 .. {n - 1}")
+    entry = MASKERS[name]
     try:
-        fn, resolved, needs_features = MASKERS[name]((grid, num_keep, float(mask_ratio)),
-                                                     **options)
+        fn, resolved = entry.factory((grid, num_keep, float(mask_ratio)),
+                                     **{**entry.defaults, **options})
     except TypeError as e:  # unknown keyword for this strategy
         raise TypeError(f"bad option for the {name!r} masker: {e}") from None
     return Masker(name=name, input_shape=tuple(input_shape), patch_size=tuple(patch_size),
                   mask_ratio=float(mask_ratio), options=resolved, _score_fn=fn,
-                  needs_features=needs_features)
+                  needs_features=entry.needs_features)

@@ -15,7 +15,6 @@ from dwm_jax._extras import require
 
 require("train", "flax")
 
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +23,25 @@ from flax import nnx
 from dwm_jax import masking
 from dwm_jax.models import vit
 
-OBJECTIVES: dict[str, Callable] = {}
+OBJECTIVES: dict[str, type] = {}
 
 
-def register_objective(name: str):
+def register_objective(name: str, *, decoder: dict, head: str, mask_ratio: float):
+    """Class decorator declaring an objective under ``name``, once.
+
+    decoder: the default sizes of its decoder / predictor (``dim``, ``depth``, ``heads``),
+      what a config's ``model.decoder`` starts from.
+    head: the attribute holding that decoder ('decoder' or 'predictor').
+    mask_ratio: the paper's mask ratio for it, a config's default.
+    The class takes the model keywords (size, input_shape, patch_size, decoder, dtype,
+    attention, remat, scan, rngs) plus what its ``config_kwargs(objective_config)`` returns,
+    and has ``uses_target`` (whether the train state carries an EMA target).
+    """
     def wrap(cls):
         if name in OBJECTIVES:
             raise ValueError(f"objective {name!r} is already registered")
+        cls.name, cls.default_decoder, cls.head = name, dict(decoder), head
+        cls.mask_ratio = mask_ratio
         OBJECTIVES[name] = cls
         return cls
     return wrap
@@ -40,12 +51,6 @@ def make_objective(name: str, **kwargs) -> nnx.Module:
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}")
     return OBJECTIVES[name](**kwargs)
-
-
-# The authors' ViT-B sizes: M2D's predictor (m2d_vit_base) and MSM-MAE's decoder
-# (msm_mae_vit_base, which forces depth 4 whatever --decoder_depth says).
-M2D_PREDICTOR = dict(dim=512, depth=8, heads=16)
-MSM_MAE_DECODER = dict(dim=384, depth=4, heads=6)
 
 
 def _decoder_kwargs(decoder: dict | None, default: dict) -> dict:
@@ -60,7 +65,10 @@ def standardise(v, eps: float = 1e-6):
     return (v - mean) * jax.lax.rsqrt(var + eps)
 
 
-@register_objective("msm_mae")
+# The authors' ViT-B sizes: MSM-MAE's decoder (msm_mae_vit_base, which forces depth 4
+# whatever --decoder_depth says) and M2D's predictor (m2d_vit_base).
+@register_objective("msm_mae", decoder=dict(dim=384, depth=4, heads=6), head="decoder",
+                    mask_ratio=0.75)
 class MSMMAE(nnx.Module):
     """MSM-MAE (the authors' ``MaskedAutoencoderViT``): the decoder reconstructs every patch
     from the visible ones; the loss is the mean squared error over the masked patches against
@@ -78,7 +86,11 @@ class MSMMAE(nnx.Module):
         self.patch_size, self.norm_pix = tuple(patch_size), norm_pix
         self.decoder = vit.TokenDecoder(self.encoder.size.dim, patch_size[0] * patch_size[1],
                                         grid=self.encoder.grid, rngs=rngs, **switches,
-                                        **_decoder_kwargs(decoder, MSM_MAE_DECODER))
+                                        **_decoder_kwargs(decoder, self.default_decoder))
+
+    @staticmethod
+    def config_kwargs(objective_config) -> dict:
+        return dict(norm_pix=objective_config.norm_pix)
 
     def predict(self, x, mask: masking.Mask):
         """-> reconstructions [B, N, ph * pw] (float32) in patch order."""
@@ -108,7 +120,8 @@ def l2_normalise(v):
 _TARGET_INIT_STREAM = 0x4D3244
 
 
-@register_objective("m2d")
+@register_objective("m2d", decoder=dict(dim=512, depth=8, heads=16), head="predictor",
+                    mask_ratio=0.7)
 class M2D(nnx.Module):
     """M2D (the authors' ``M2DViT``): the online encoder sees the visible patches; the
     predictor predicts, at the masked positions, what the target network makes of the masked
@@ -141,9 +154,15 @@ class M2D(nnx.Module):
         self.encoder = vit.Encoder(size, input_shape=input_shape, patch_size=patch_size,
                                    rngs=rngs, **switches)
         dim = self.encoder.size.dim
-        self.predictor = vit.TokenDecoder(dim, dim, grid=self.encoder.grid, rngs=rngs,
-                                          **switches, **_decoder_kwargs(decoder, M2D_PREDICTOR))
+        self.predictor = vit.TokenDecoder(dim, dim, grid=self.encoder.grid, rngs=rngs, **switches,
+                                          **_decoder_kwargs(decoder, self.default_decoder))
         self.norm_target, self.target_mode = norm_target, target_mode
+
+    @staticmethod
+    def config_kwargs(objective_config) -> dict:
+        """M2D's norm_pix_loss standardises the target tokens."""
+        return dict(norm_target=objective_config.norm_pix,
+                    target_mode=objective_config.target_mode)
 
     def _online(self) -> dict:
         return nnx.to_pure_dict(nnx.state(self.encoder, nnx.Param))

@@ -87,18 +87,16 @@ def plot_hint_schedule(path: str, total_epochs: int = 300, start_epoch: int = 50
 
 
 def mask_figure(path: str, seed: int = 0):
-    """The paper-style figure on :func:`demo_clip`; SGIM uses raw patch vectors as its
-    features (no encoder is involved here)."""
+    """The paper-style figure on :func:`demo_clip`, one panel per registered masker at hint
+    0; maskers that need features (SGIM) get raw patch vectors (no encoder is involved)."""
     lm = audio.log_mel(demo_clip(seed=seed))[:, :608]
     x = jnp.asarray((lm - lm.mean()) / lm.std())[None]
     masks = {}
     key = jax.random.key(seed)
-    for name, label in [("random", "random"), ("time_freq", "time/freq"), ("block", "block"),
-                        ("inverse_block", "inverse block"), ("dispersion", "DWM (hint 0)"),
-                        ("sgim", "SGIM (patch features)")]:
+    for name, entry in masking.MASKERS.items():
         m = masking.make_masker(name, input_shape=x.shape[1:], mask_ratio=0.7)
-        feats = masking.patchify(x, (16, 16)) if name == "sgim" else None
-        masks[label] = np.asarray(m(key, x, features=feats).mask[0])
+        feats = masking.patchify(x, (16, 16)) if entry.needs_features else None
+        masks[name] = np.asarray(m(key, x, features=feats).mask[0])
     plot_masks(np.asarray(x[0]), masks, (16, 16), path)
     return masks
 

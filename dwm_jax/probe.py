@@ -18,7 +18,7 @@ from dwm_jax._extras import require
 
 require("eval", "optax", "tensorflow_datasets", "grain")
 
-import hashlib
+import json
 import os
 import re
 
@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from dwm_jax import data as data_lib
+from dwm_jax.embedding import Embedder
 
 
 class ProbeError(ValueError):
@@ -35,6 +37,37 @@ class ProbeError(ValueError):
 
 
 # ------------------------------------------------------------------------------- the probe
+
+def _fit(loss_fn, params, valid_fn, score, *, lr, weight_decay, max_steps, eval_every,
+         patience):
+    """Full-batch AdamW from ``params`` (zero init, full batch: deterministic) in chunks of
+    ``eval_every`` steps, each ending with ``score(valid_fn(params))`` (higher is better);
+    stops after ``patience`` chunks without a better score. -> (best params, its score, its
+    step, steps run)."""
+    tx = optax.adamw(lr, weight_decay=weight_decay)
+
+    @jax.jit
+    def run(params, opt_state):
+        def body(carry, _):
+            p, s = carry
+            updates, s = tx.update(jax.grad(loss_fn)(p), s, p)
+            return (optax.apply_updates(p, updates), s), None
+        (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), None,
+                                              length=eval_every)
+        return params, opt_state, valid_fn(params)
+
+    opt_state = tx.init(params)
+    best, best_score, best_step, waited, step = params, -1.0, 0, 0, 0
+    while step < max_steps and waited < patience:
+        params, opt_state, valid = run(params, opt_state)
+        step += eval_every
+        current = score(valid)
+        if current > best_score:
+            best, best_score, best_step, waited = params, current, step, 0
+        else:
+            waited += 1
+    return best, best_score, best_step, step
+
 
 def train_linear(x_train, y_train, x_valid, y_valid, *, num_classes: int, lr: float = 1e-3,
                  weight_decay: float = 1e-4, max_steps: int = 3000, eval_every: int = 50,
@@ -45,35 +78,19 @@ def train_linear(x_train, y_train, x_valid, y_valid, *, num_classes: int, lr: fl
     """
     xtr, ytr = jnp.asarray(x_train, jnp.float32), jnp.asarray(y_train, jnp.int32)
     xva = jnp.asarray(x_valid, jnp.float32)
-    params = dict(w=jnp.zeros((xtr.shape[1], num_classes)), b=jnp.zeros(num_classes))
-    tx = optax.adamw(lr, weight_decay=weight_decay)  # zero init, full batch: deterministic
 
     def loss_fn(p):
         logits = xtr @ p["w"] + p["b"]
         return optax.softmax_cross_entropy_with_integer_labels(logits, ytr).mean()
 
-    @jax.jit
-    def run(params, opt_state):
-        def body(carry, _):
-            p, s = carry
-            grads = jax.grad(loss_fn)(p)
-            updates, s = tx.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), None
-        (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), None,
-                                              length=eval_every)
-        valid_acc = jnp.mean((xva @ params["w"] + params["b"]).argmax(1) == y_valid)
-        return params, opt_state, valid_acc
+    def valid_accuracy(p):
+        return jnp.mean((xva @ p["w"] + p["b"]).argmax(1) == y_valid)
 
-    opt_state = tx.init(params)
-    best, best_acc, best_step, waited, step = params, -1.0, 0, 0, 0
-    while step < max_steps and waited < patience:
-        params, opt_state, acc = run(params, opt_state)
-        step += eval_every
-        if float(acc) > best_acc:
-            best, best_acc, best_step, waited = params, float(acc), step, 0
-        else:
-            waited += 1
-    return best, dict(valid_accuracy=best_acc, best_step=best_step, steps=step)
+    params = dict(w=jnp.zeros((xtr.shape[1], num_classes)), b=jnp.zeros(num_classes))
+    best, acc, best_step, steps = _fit(
+        loss_fn, params, valid_accuracy, float, lr=lr, weight_decay=weight_decay,
+        max_steps=max_steps, eval_every=eval_every, patience=patience)
+    return best, dict(valid_accuracy=acc, best_step=best_step, steps=steps)
 
 
 def accuracy(params, x, y) -> float:
@@ -131,33 +148,19 @@ def train_multilabel(x_train, y_train, x_valid, y_valid, *, lr: float = 1e-3,
     stopping on the validation mAP. Returns (params {'w', 'b'}, info)."""
     xtr, ytr = jnp.asarray(x_train, jnp.float32), jnp.asarray(y_train, jnp.float32)
     xva = jnp.asarray(x_valid, jnp.float32)
-    params = dict(w=jnp.zeros((xtr.shape[1], ytr.shape[1])), b=jnp.zeros(ytr.shape[1]))
-    tx = optax.adamw(lr, weight_decay=weight_decay)
 
     def loss_fn(p):
         return optax.sigmoid_binary_cross_entropy(xtr @ p["w"] + p["b"], ytr).mean()
 
-    @jax.jit
-    def run(params, opt_state):
-        def body(carry, _):
-            p, s = carry
-            updates, s = tx.update(jax.grad(loss_fn)(p), s, p)
-            return (optax.apply_updates(p, updates), s), None
-        (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), None,
-                                              length=eval_every)
-        return params, opt_state, xva @ params["w"] + params["b"]
+    def valid_map(valid_logits):
+        return multilabel_scores(y_valid, np.asarray(valid_logits))["map"]
 
-    opt_state = tx.init(params)
-    best, best_map, best_step, waited, step = params, -1.0, 0, 0, 0
-    while step < max_steps and waited < patience:
-        params, opt_state, logits = run(params, opt_state)
-        step += eval_every
-        valid_map = multilabel_scores(y_valid, np.asarray(logits))["map"]
-        if valid_map > best_map:
-            best, best_map, best_step, waited = params, valid_map, step, 0
-        else:
-            waited += 1
-    return best, dict(valid_map=best_map, best_step=best_step, steps=step)
+    params = dict(w=jnp.zeros((xtr.shape[1], ytr.shape[1])), b=jnp.zeros(ytr.shape[1]))
+    best, best_map, best_step, steps = _fit(
+        loss_fn, params, lambda p: xva @ p["w"] + p["b"], valid_map, lr=lr,
+        weight_decay=weight_decay, max_steps=max_steps, eval_every=eval_every,
+        patience=patience)
+    return best, dict(valid_map=best_map, best_step=best_step, steps=steps)
 
 
 def logits(params, x) -> np.ndarray:
@@ -205,7 +208,6 @@ def features_of(split: data_lib.DatasetSplit, featurise, *, cache: str | None = 
     if cache and os.path.exists(cache):
         with np.load(cache) as f:
             return f["x"], f["y"]
-    from tqdm import tqdm
     xs, ys = [], []
     for i in tqdm(range(len(split)), desc=desc, unit="clip", leave=False, dynamic_ncols=True):
         ex = split.source[i]
@@ -241,8 +243,6 @@ def task_fingerprint(spec: str, data_dir: str) -> tuple[str, str]:
 
 
 def split_names(data_dir: str, dataset: str) -> list[str]:
-    import json
-
     path = data_lib.pipeline.dataset_dir(data_dir, dataset)
     with open(os.path.join(path, "dataset_info.json")) as f:
         return [s["name"] for s in json.load(f).get("splits", [])]
@@ -341,8 +341,6 @@ def evaluate_task(spec: str, data_dir: str, featurisers: dict, *, cache_dir: str
 def probe_workdir(workdir: str, data_dir: str, name: str) -> dict:
     """The demo's quick probe: the latest checkpoint of ``workdir`` on dataset ``name``
     (its train / valid / test splits or folds, as eval.py reads them)."""
-    from dwm_jax.embedding import Embedder
-
     emb = Embedder.from_workdir(workdir)
     result = evaluate_task(name, data_dir, {"encoder": (emb.clip_embedding, None)})
     return dict(test_accuracy=result["encoder"]["test_accuracy"], chance=result["chance"],

@@ -103,3 +103,27 @@ class CompletionClock:
     def close(self):
         self._queue.put(None)
         self._thread.join(timeout=10)
+
+
+class StepTracer:
+    """A JAX profiler trace of steps A..B-1 (``config.profile_steps='A:B'``) into
+    ``logdir``: :meth:`before` each step starts it, :meth:`after` each step stops it."""
+
+    def __init__(self, spec: str, logdir: str, enabled: bool = True):
+        self.steps = parse_steps(spec) if enabled else None
+        self.logdir, self.tracing = logdir, False
+
+    def before(self, step: int):
+        if self.steps and step == self.steps[0]:
+            jax.profiler.start_trace(self.logdir)
+            self.tracing = True
+
+    def after(self, step: int, state):
+        if self.tracing and step == self.steps[1]:
+            jax.block_until_ready(state)
+            self.close()
+
+    def close(self):
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False

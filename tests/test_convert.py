@@ -17,9 +17,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dwm_jax import checkpointing, convert, masking, pretrained, sharding, trainer, validation
+from dwm_jax import torch_layout
+from dwm_jax import checkpointing, convert, masking, sharding
 from dwm_jax.embedding import Embedder
 from dwm_jax.models import vit
+from dwm_jax import build
+from dwm_jax import weights as weights_lib
+from dwm_jax import config as config_lib
+from dwm_jax import train as train_lib
+from dwm_jax.train import init_from
+from dwm_jax.train import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF = os.path.join(REPO, "tests", "data", "reference")
@@ -74,22 +81,22 @@ def test_step_from_converted_full_checkpoint_reproduces_their_loss(objective, sc
     z, weights = _fixture(objective)
     np.savez(tmp_path / "ckpt.npz", **weights)
     assert _convert(tmp_path / "ckpt.npz", tmp_path / "conv", *FLAGS[objective]) == 0
-    source = pretrained.read_weights(str(tmp_path / "conv"))
+    source = weights_lib.read_weights(str(tmp_path / "conv"))
     import ml_collections
     cfg = ml_collections.ConfigDict(source.config)
     cfg.init_from = str(tmp_path / "conv")
     cfg.model.scan_layers = scan
-    setup = trainer.make_setup(cfg, 1, 300)
+    setup = build.make_setup(cfg, 1, 300)
     mesh = sharding.make_mesh(1)
-    abstract = trainer.abstract_state(setup, 0)
+    abstract = build.abstract_state(setup, 0)
     shardings = sharding.state_shardings(abstract, mesh)
-    state = jax.jit(lambda: trainer.init_state(setup, 0), out_shardings=shardings)()
-    state, notes = pretrained.start_from(cfg.init_from, state, shardings, cfg)
+    state = jax.jit(lambda: build.init_state(setup, 0), out_shardings=shardings)()
+    state, notes = init_from.start_from(cfg.init_from, state, shardings, cfg)
     head = "predictor" if objective == "m2d" else "decoder"
     assert f"{head} from the source" in notes
     if objective == "m2d":
         assert "target from the source's target" in notes
-    _, metrics = trainer.update(setup, state, jnp.asarray(z["x"][:, 0]), _mask(z))
+    _, metrics = step_lib.update(setup, state, jnp.asarray(z["x"][:, 0]), _mask(z))
     np.testing.assert_allclose(float(metrics["loss"]), float(z["loss"]), rtol=2e-5)
 
 
@@ -159,40 +166,40 @@ def test_a_workdir_holding_something_else_is_refused(tmp_path, capsys, synthetic
     assert _convert(tmp_path / "b.npz", tmp_path / "conv", "--num_heads", "4") == 2
     assert "already holds weights converted from" in capsys.readouterr().err
     from tests.test_training import micro_config
-    trainer.train(micro_config(synthetic_small[0], total_steps=2), str(tmp_path / "run"),
+    train_lib.train(micro_config(synthetic_small[0], total_steps=2), str(tmp_path / "run"),
                   progress=False)
     assert _convert(tmp_path / "a.npz", tmp_path / "run", *FLAGS["m2d"]) == 2
     assert "already holds a training run (m2d, step 2)" in capsys.readouterr().err
     # and training in the converted workdir points to init_from instead of resuming
     cfg = micro_config(synthetic_small[0], total_steps=2)
     with pytest.raises(checkpointing.CheckpointMismatchError, match="config.init_from="):
-        trainer.train(cfg, str(tmp_path / "conv"), progress=False)
+        train_lib.train(cfg, str(tmp_path / "conv"), progress=False)
 
 
 def test_sizes_from_their_folder_name_and_args():
     name = "/x/m2d_vit_base-80x608p16x16-221006-mr7/checkpoint-300.pth"
-    assert convert.sizes_from_name(name) == ((80, 608), (16, 16), 0.7)
-    assert convert.sizes_from_name("/x/m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025/c.pth") \
+    assert torch_layout.sizes_from_name(name) == ((80, 608), (16, 16), 0.7)
+    assert torch_layout.sizes_from_name("/x/m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025/c.pth") \
         == ((80, 1001), (16, 16), None)
-    assert convert.sizes_from_name("/x/run/checkpoint.pth") == (None, None, None)
+    assert torch_layout.sizes_from_name("/x/run/checkpoint.pth") == (None, None, None)
     d, depth, heads = 768, 2, 12
     sd = {"patch_embed.proj.weight": np.zeros((d, 1, 16, 16), np.float32),
           **{f"blocks.{i}.mlp.fc1.weight": np.zeros((4 * d, d), np.float32)
              for i in range(depth)}}
-    s = convert.infer_sizes(sd, path=name)
+    s = torch_layout.infer_sizes(sd, path=name)
     assert (s.size, s.input_shape, s.mask_ratio, s.objective) == \
         (f"{d}x{depth}x{heads}", (80, 608), 0.7, "encoder")
-    s = convert.infer_sizes(sd, path=name, args=dict(input_size=[80, 208], num_heads=6))
+    s = torch_layout.infer_sizes(sd, path=name, args=dict(input_size=[80, 208], num_heads=6))
     assert (s.input_shape, s.heads, s.sources["input_shape"]) == ((80, 208), 6,
                                                                     "args.input_size")
-    s = convert.infer_sizes(sd, path=name, input_shape=(80, 400), num_heads=8)
+    s = torch_layout.infer_sizes(sd, path=name, input_shape=(80, 400), num_heads=8)
     assert (s.input_shape, s.heads) == ((80, 400), 8)
     with pytest.raises(convert.ConversionError, match="patches of"):
-        convert.infer_sizes(sd, args=dict(patch_size=[16, 8], input_size="80x608"))
+        torch_layout.infer_sizes(sd, args=dict(patch_size=[16, 8], input_size="80x608"))
     with pytest.raises(convert.ConversionError, match="cannot tell the input size"):
-        convert.infer_sizes(sd)
+        torch_layout.infer_sizes(sd)
     with pytest.raises(convert.ConversionError, match="does not divide"):
-        convert.infer_sizes(sd, path=name, num_heads=7)
+        torch_layout.infer_sizes(sd, path=name, num_heads=7)
 
 
 def test_safetensors_with_args_in_metadata(tmp_path):
@@ -232,7 +239,7 @@ def test_pth_without_torch_says_which_extra(tmp_path, monkeypatch):
     (tmp_path / "c.pth").write_bytes(b"x")
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(convert.ConversionError, match=r"pip install 'dwm_jax\[torch\]'"):
-        convert.read_checkpoint(str(tmp_path / "c.pth"))
+        torch_layout.read_checkpoint(str(tmp_path / "c.pth"))
 
 
 def test_numpy_forward_matches_our_encoder_on_other_shapes():
@@ -241,10 +248,10 @@ def test_numpy_forward_matches_our_encoder_on_other_shapes():
     size = vit.ViTSize(32, 2, 2, 2.0)
     enc = vit.Encoder(size, input_shape=(64, 96), patch_size=(8, 16), rngs=nnx.Rngs(3))
     params = {"encoder": nnx.to_pure_dict(nnx.state(enc, nnx.Param))}
-    sd = convert.to_torch(params, None, "encoder", (8, 16))
+    sd = torch_layout.to_torch(params, None, "encoder", (8, 16))
     x = np.random.default_rng(1).standard_normal((2, 64, 96)).astype(np.float32)
     positions = np.concatenate([np.zeros((1, 32)), vit.sincos_2d(32, enc.grid)])
-    theirs = convert.numpy_forward(sd, x, num_heads=2, positions=positions)
+    theirs = torch_layout.numpy_forward(sd, x, num_heads=2, positions=positions)
     np.testing.assert_allclose(np.asarray(enc(jnp.asarray(x))), theirs, atol=2e-5, rtol=1e-4)
 
 
@@ -262,45 +269,45 @@ def test_init_from_an_encoder_only_checkpoint_trains_on(tmp_path, synthetic_smal
     source = _encoder_source(tmp_path)
     cfg = micro_config(synthetic_small[0], total_steps=2, init_from=source)
     cfg.model.size = "64x2x4"
-    setup = trainer.make_setup(cfg, 1, 2)
-    shardings = sharding.state_shardings(trainer.abstract_state(setup, 0), sharding.make_mesh(1))
-    state = jax.jit(lambda: trainer.init_state(setup, 0), out_shardings=shardings)()
-    state, notes = pretrained.start_from(source, state, shardings, cfg)
+    setup = build.make_setup(cfg, 1, 2)
+    shardings = sharding.state_shardings(build.abstract_state(setup, 0), sharding.make_mesh(1))
+    state = jax.jit(lambda: build.init_state(setup, 0), out_shardings=shardings)()
+    state, notes = init_from.start_from(source, state, shardings, cfg)
     assert "predictor: fresh (the source has none)" in notes
     assert "target from the source's encoder" in notes
-    theirs = pretrained.read_weights(source).params["encoder"]
+    theirs = weights_lib.read_weights(source).params["encoder"]
     jax.tree.map(np.testing.assert_array_equal, state["params"]["encoder"], theirs)
     jax.tree.map(np.testing.assert_array_equal, state["target"]["blocks"], theirs["blocks"])
-    summary = trainer.train(cfg, str(tmp_path / "run"), progress=False)
+    summary = train_lib.train(cfg, str(tmp_path / "run"), progress=False)
     assert summary["final_step"] == 2
     cfg.model.size = "micro"   # 64 wide, 2 blocks, but 2 heads
-    with pytest.raises(validation.ConfigError, match="4 heads"):
-        trainer.train(cfg, str(tmp_path / "run2"), progress=False)
+    with pytest.raises(config_lib.ConfigError, match="4 heads"):
+        train_lib.train(cfg, str(tmp_path / "run2"), progress=False)
     cfg.model.size, cfg.init_from = "64x2x4", str(tmp_path / "nowhere")
-    with pytest.raises(validation.ConfigError, match="config.init_from=.*no checkpoints"):
-        trainer.train(cfg, str(tmp_path / "run3"), progress=False)
+    with pytest.raises(config_lib.ConfigError, match="config.init_from=.*no checkpoints"):
+        train_lib.train(cfg, str(tmp_path / "run3"), progress=False)
 
 
 def test_init_from_our_own_run_takes_everything(tmp_path, synthetic_small):
     from tests.test_training import micro_config
     cfg = micro_config(synthetic_small[0], total_steps=2)
-    trainer.train(cfg, str(tmp_path / "a"), progress=False)
-    source = pretrained.read_weights(str(tmp_path / "a"))
+    train_lib.train(cfg, str(tmp_path / "a"), progress=False)
+    source = weights_lib.read_weights(str(tmp_path / "a"))
     assert set(source.params) == {"encoder", "predictor"}   # no optimizer state was read
     cfg.init_from = str(tmp_path / "a")
-    setup = trainer.make_setup(cfg, 1, 2)
-    shardings = sharding.state_shardings(trainer.abstract_state(setup, 0), sharding.make_mesh(1))
-    state = jax.jit(lambda: trainer.init_state(setup, 0), out_shardings=shardings)()
-    state, notes = pretrained.start_from(cfg.init_from, state, shardings, cfg)
+    setup = build.make_setup(cfg, 1, 2)
+    shardings = sharding.state_shardings(build.abstract_state(setup, 0), sharding.make_mesh(1))
+    state = jax.jit(lambda: build.init_state(setup, 0), out_shardings=shardings)()
+    state, notes = init_from.start_from(cfg.init_from, state, shardings, cfg)
     assert notes[1:] == ["predictor from the source", "target from the source's target"]
     jax.tree.map(np.testing.assert_array_equal, (state["params"], state["target"]),
                  (source.params, source.target))
     # into a run with scanned layers: the same weights, stacked on a layer axis
     cfg.model.scan_layers = True
-    setup = trainer.make_setup(cfg, 1, 2)
-    shardings = sharding.state_shardings(trainer.abstract_state(setup, 0), sharding.make_mesh(1))
-    state = jax.jit(lambda: trainer.init_state(setup, 0), out_shardings=shardings)()
-    state, _ = pretrained.start_from(cfg.init_from, state, shardings, cfg)
+    setup = build.make_setup(cfg, 1, 2)
+    shardings = sharding.state_shardings(build.abstract_state(setup, 0), sharding.make_mesh(1))
+    state = jax.jit(lambda: build.init_state(setup, 0), out_shardings=shardings)()
+    state, _ = init_from.start_from(cfg.init_from, state, shardings, cfg)
     assert state["params"]["encoder"]["blocks"]["fc1"]["kernel"].shape[0] == 2  # depth
     jax.tree.map(np.testing.assert_array_equal,
                  (vit.unstack_layers(state["params"]), vit.unstack_layers(state["target"])),

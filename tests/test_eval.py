@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dwm_jax import data, probe, trainer
+from dwm_jax import data, probe
 from dwm_jax.embedding import Embedder
 from dwm_jax.models import vit
+from dwm_jax import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,7 +117,7 @@ def test_waveform_embedding_matches_the_log_mel_path(embedder):
 def trained_run(synthetic_small, tmp_path_factory):
     from tests.test_training import micro_config
     workdir = str(tmp_path_factory.mktemp("run"))
-    trainer.train(micro_config(synthetic_small[0], "msm_mae", "random", total_steps=4),
+    train_lib.train(micro_config(synthetic_small[0], "msm_mae", "random", total_steps=4),
                   workdir, progress=False)
     return workdir
 
@@ -163,7 +164,7 @@ def test_eval_cache_follows_the_weights_not_the_step(synthetic_small, tmp_path):
     def train_and_eval(seed, *flags):
         cfg = micro_config(synthetic_small[0], "msm_mae", "random", total_steps=4)
         cfg.seed = seed
-        trainer.train(cfg, workdir, progress=False)
+        train_lib.train(cfg, workdir, progress=False)
         res = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}",
                               "--tasks=synthetic_sounds/small",
                               f"--data_dir={synthetic_small[0]}", *flags],
@@ -247,7 +248,7 @@ def test_eval_names_a_damaged_checkpoint_in_one_line(synthetic_small, tmp_path, 
 
     from tests.test_training import _damage_state_files, micro_config
     workdir = tmp_path / "run"
-    trainer.train(micro_config(synthetic_small[0], "msm_mae", "random", total_steps=4),
+    train_lib.train(micro_config(synthetic_small[0], "msm_mae", "random", total_steps=4),
                   str(workdir), progress=False)
     if damage == "bytes":
         _damage_state_files(str(workdir / "checkpoints" / "4"))

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dwm_jax import finetune, probe, trainer
+from dwm_jax import finetune, probe
 from dwm_jax.embedding import Embedder
 from dwm_jax.models import vit
+from dwm_jax import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = "synthetic_sounds/small"
@@ -25,7 +26,7 @@ TASK = "synthetic_sounds/small"
 def pretrained_run(synthetic_small, tmp_path_factory):
     from tests.test_training import micro_config
     workdir = str(tmp_path_factory.mktemp("run"))
-    trainer.train(micro_config(synthetic_small[0], "msm_mae", "random", total_steps=4),
+    train_lib.train(micro_config(synthetic_small[0], "msm_mae", "random", total_steps=4),
                   workdir, progress=False)
     return workdir
 

@@ -11,6 +11,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE_USE = """
 import jax, jax.numpy as jnp
 from dwm_jax import masking
+from dwm_jax import build, weights
+from dwm_jax import config as config_lib
+from dwm_jax import train as train_lib
+from dwm_jax.train import init_from, run_io
+from dwm_jax.train import step as step_lib
 masker = masking.make_masker("dispersion", input_shape=(80, 64), mask_ratio=0.7)
 x = jax.random.normal(jax.random.key(0), (4, 80, 64))
 m = jax.jit(masker)(jax.random.key(1), x)
@@ -38,7 +43,7 @@ def test_core_install_masks_and_names_missing_extras(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     res = subprocess.run([py, "-c", CORE_USE], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0 and "mask ok" in res.stdout, res.stderr[-3000:]
-    for module, extra in [("dwm_jax.data", "data"), ("dwm_jax.trainer", "train"),
+    for module, extra in [("dwm_jax.data", "data"), ("dwm_jax.train", "train"),
                           ("dwm_jax.embedding", "eval"), ("dwm_jax.audio", "audio"),
                           ("dwm_jax.plots", "plots")]:
         res = subprocess.run([py, "-c", f"import {module}"], capture_output=True, text=True,

@@ -18,9 +18,13 @@ import optax
 import pytest
 from flax import nnx
 
-from dwm_jax import audio, convert, data, masking, objectives, trainer
+from dwm_jax import torch_layout
+from dwm_jax import audio, convert, data, masking, objectives
 from dwm_jax.embedding import Embedder
 from dwm_jax.models import vit
+from dwm_jax import build
+from dwm_jax import config as config_lib
+from dwm_jax.train import step as step_lib
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "reference")
 SHA256 = {
@@ -42,7 +46,7 @@ class Ref:
         self.objective = objective
         self.state_dict = {k[len("weights/"):]: v for k, v in self.z.items()
                            if k.startswith("weights/")}
-        trees = convert.from_torch(self.state_dict, objective)
+        trees = torch_layout.from_torch(self.state_dict, objective)
         self.params, self.target = trees["params"], trees["target"] or None
         model = objectives.make_objective(objective, size=TINY, input_shape=(80, 208),
                                           decoder=HEADS[objective], rngs=nnx.Rngs(0))
@@ -64,7 +68,7 @@ class Ref:
         return nnx.merge(self.graphdef, params).loss(self.x, self.mask, self.target)[0]
 
     def torch_names(self, tree):
-        return convert.to_torch(tree, None, self.objective, (16, 16))
+        return torch_layout.to_torch(tree, None, self.objective, (16, 16))
 
 
 @pytest.fixture(scope="module", params=["m2d", "msm_mae"])
@@ -87,7 +91,7 @@ def test_fixtures_are_the_authors_files(ref):
 
 
 def test_weights_round_trip_through_the_name_mapping(ref):
-    back = convert.to_torch(ref.params, ref.target, ref.objective, (16, 16))
+    back = torch_layout.to_torch(ref.params, ref.target, ref.objective, (16, 16))
     skipped = set(ref.state_dict) - set(back)
     assert skipped == {"pos_embed", "decoder_pos_embed", "norm_stats"}
     for name, value in back.items():
@@ -109,9 +113,9 @@ def test_positions_are_the_authors_layout(ref):
 def test_mapping_names_a_missing_or_foreign_key(m2d):
     partial = {k: v for k, v in m2d.state_dict.items() if k != "blocks.1.mlp.fc2.bias"}
     with pytest.raises(ValueError, match="blocks.1.mlp.fc2.bias"):
-        convert.from_torch(partial, "m2d")
+        torch_layout.from_torch(partial, "m2d")
     with pytest.raises(ValueError, match="target_blocks"):
-        convert.from_torch(m2d.state_dict, "msm_mae")  # an M2D checkpoint is not an MSM-MAE
+        torch_layout.from_torch(m2d.state_dict, "msm_mae")  # an M2D checkpoint is not an MSM-MAE
 
 
 def test_encoder_forward(ref):
@@ -181,23 +185,22 @@ def test_every_gradient(ref):
 
 
 def test_weight_decay_groups_are_timms(ref):
-    mask = trainer.decay_mask(ref.params)
-    decayed = {name for name, path, _ in convert.table(ref.state_dict, ref.objective)
-               if path[0] == "params" and convert._get(mask, path[1:])}
+    mask = build.decay_mask(ref.params)
+    decayed = {name for name, path, _ in torch_layout.table(ref.state_dict, ref.objective)
+               if path[0] == "params" and torch_layout._get(mask, path[1:])}
     trainable = {k[len("grads/"):] for k in ref.z if k.startswith("grads/")}
     assert decayed == set(json.loads(str(ref.z["decay_param_names"])))
     assert trainable - decayed == set(json.loads(str(ref.z["no_decay_param_names"])))
-    legacy = trainer.decay_mask(ref.params, decay_tokens=False)
+    legacy = build.decay_mask(ref.params, decay_tokens=False)
     assert not legacy["encoder"]["cls_token"] and legacy["encoder"]["patch_embed"]["kernel"]
 
 
 def _setup(ref):
     """Their step: lr 1e-3, AdamW(0.9, 0.95, eps 1e-8, wd 0.05 on timm's groups), clip 3.0;
     M2D's EMA at global step 20 of 300 (their fixture's placement)."""
-    from configs import common
-    cfg = common.base(ref.objective, "random")
+    cfg = config_lib.base(ref.objective, "random")
     schedule = optax.constant_schedule(float(ref.z["train_step/lr"]))
-    return trainer.Setup(cfg, ref.graphdef, None, trainer.make_optimizer(cfg, schedule),
+    return build.Setup(cfg, ref.graphdef, None, build.make_optimizer(cfg, schedule),
                          schedule, ref.objective == "m2d", steps_per_epoch=1, total_steps=300)
 
 
@@ -209,7 +212,7 @@ def _initial_state(ref, setup):
 def _after_step(ref, new):
     """(ours, theirs) after one step, by their names: online parameters, and M2D's target."""
     theirs = {k[len("after_step/"):]: v for k, v in ref.z.items() if k.startswith("after_step/")}
-    ours = convert.to_torch(new["params"], new["target"] or None, ref.objective, (16, 16))
+    ours = torch_layout.to_torch(new["params"], new["target"] or None, ref.objective, (16, 16))
     assert set(ours) == set(theirs)
     return ours, theirs
 
@@ -218,8 +221,8 @@ def test_optimizer_and_ema_step_on_their_gradients(ref):
     """Their gradients through our clipping, AdamW groups and EMA give their weights."""
     setup = _setup(ref)
     grads = {k[len("grads/"):]: v for k, v in ref.z.items() if k.startswith("grads/")}
-    grads = convert.from_torch({**ref.state_dict, **grads}, ref.objective)["params"]
-    new = jax.jit(lambda s, g: trainer.apply_gradients(setup, s, g))(
+    grads = torch_layout.from_torch({**ref.state_dict, **grads}, ref.objective)["params"]
+    new = jax.jit(lambda s, g: step_lib.apply_gradients(setup, s, g))(
         _initial_state(ref, setup), grads)
     ours, theirs = _after_step(ref, new)
     for name, value in ours.items():
@@ -235,7 +238,7 @@ def test_one_full_training_step(ref):
     gradient is float32 noise at or below 1e-6 (e.g. key biases, whose true gradient is 0)
     the noise decides the step, so those entries are only bounded by the lr."""
     setup = _setup(ref)
-    new, metrics = jax.jit(lambda s: trainer.update(setup, s, ref.x, ref.mask))(
+    new, metrics = jax.jit(lambda s: step_lib.update(setup, s, ref.x, ref.mask))(
         _initial_state(ref, setup))
     np.testing.assert_allclose(float(metrics["loss"]), float(ref.z["loss"]), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["grad_norm"]),

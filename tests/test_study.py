@@ -5,12 +5,15 @@ import os
 import subprocess
 import sys
 
+from dwm_jax.study import arms
+from dwm_jax.study import run as study
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_study_runs_end_to_end_at_a_tiny_size(synthetic_small, tmp_path):
     out = tmp_path / "study"
-    cmd = [sys.executable, "benchmarks/study.py", f"--outdir={out}",
+    cmd = [sys.executable, "-m", "dwm_jax.study", f"--outdir={out}",
            "--config=configs/transfer.py", "--strategies=random,dispersion_h0", "--seeds=0,1", "--total_steps=2",
            "--size=micro", "--batch=8", f"--data_dir={synthetic_small[0]}",
            "--dataset=synthetic_sounds/small"]
@@ -60,7 +63,7 @@ def test_study_runs_end_to_end_at_a_tiny_size(synthetic_small, tmp_path):
 
 
 def test_train_step_benchmark_prints_every_strategy():
-    cmd = [sys.executable, "benchmarks/train_step.py", "--objectives=m2d", "--size=micro",
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--objectives=m2d", "--size=micro",
            "--batch=4", "--reps=2", "--strategies=random,sgim"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -70,23 +73,23 @@ def test_train_step_benchmark_prints_every_strategy():
 
 
 def test_study_names_a_missing_config(tmp_path):
-    res = subprocess.run([sys.executable, "benchmarks/study.py", f"--outdir={tmp_path}",
+    res = subprocess.run([sys.executable, "-m", "dwm_jax.study", f"--outdir={tmp_path}",
                           "--config=configs/nope.py"], capture_output=True, text=True, cwd=REPO)
     assert res.returncode != 0 and "configs/nope.py: no such file" in res.stderr
-    res = subprocess.run([sys.executable, "benchmarks/study.py", f"--outdir={tmp_path}",
+    res = subprocess.run([sys.executable, "-m", "dwm_jax.study", f"--outdir={tmp_path}",
                           "--pool=mean,max"], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 2 and "--pool mean,max: choose from" in res.stderr
 
 
 def test_learning_curve_probes_every_checkpoint(synthetic_small, tmp_path):
+    from dwm_jax import train as train_lib
     from tests.test_training import micro_config
-    from dwm_jax import trainer
 
     data_dir = synthetic_small[0]
     workdir = str(tmp_path / "run")
-    trainer.train(micro_config(data_dir, "msm_mae", "random", total_steps=8, keep_ckpts=3),
+    train_lib.train(micro_config(data_dir, "msm_mae", "random", total_steps=8, keep_ckpts=3),
                   workdir, progress=False)
-    cmd = [sys.executable, "benchmarks/learning_curve.py", f"--workdir={workdir}",
+    cmd = [sys.executable, "-m", "dwm_jax.study.curve", f"--workdir={workdir}",
            "--tasks=synthetic_sounds/small", f"--data_dir={data_dir}"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -117,17 +120,7 @@ def test_learning_curve_probes_every_checkpoint(synthetic_small, tmp_path):
     assert again["data"] != curve["data"]
 
 
-def _load_study():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "study", os.path.join(REPO, "benchmarks", "study.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_summary_leaves_out_scores_and_baselines_on_data_rebuilt_since():
-    study = _load_study()
 
     def run(strategy, seed, score, data, baselines=None):
         entry = dict(encoder=score, data=data, num_test=10)
@@ -156,11 +149,11 @@ def test_each_study_strategy_trains_with_its_hints():
     """DWM and SGIM follow the hint schedule (docs/masking.md, SGIM step 4); the *_h0
     variants hold r_h at 0 with the same masker; random and inverse block take no hints."""
     import argparse
-    study = _load_study()
-    args = argparse.Namespace(config=os.path.join(REPO, "configs", "transfer_long.py"),
+    args = argparse.Namespace(config="configs/transfer_long.py",
                               data_dir="data", dataset="", size="", total_steps=0, batch=0)
     got = {}
-    for strategy in study.STRATEGIES:
+    for strategy in ("random", "inverse_block", "dispersion", "dispersion_h0", "sgim",
+                     "sgim_h0"):
         cfg = study.study_config(strategy, 0, args)
         got[strategy] = (cfg.masking.name, cfg.masking.hint.mode,
                          cfg.masking.hint.constant if cfg.masking.hint.mode == "constant"
@@ -171,7 +164,7 @@ def test_each_study_strategy_trains_with_its_hints():
                    "dispersion_h0": ("dispersion", "constant", 0.0),
                    "sgim": ("sgim", "schedule", None),
                    "sgim_h0": ("sgim", "constant", 0.0)}
-    assert "sgim_h0" not in study.DEFAULT_STRATEGIES
+    assert "sgim_h0" not in arms.DEFAULT_ARMS
 
 
 def test_study_refuses_a_run_dir_left_by_another_config(synthetic_small, tmp_path):
@@ -179,7 +172,7 @@ def test_study_refuses_a_run_dir_left_by_another_config(synthetic_small, tmp_pat
     where DWM with the schedule is asked for, as SGIM's runs were before it had its schedule)
     is never taken as finished: one line naming the directory and the field, exit 2."""
     out = tmp_path / "study"
-    cmd = [sys.executable, "benchmarks/study.py", f"--outdir={out}",
+    cmd = [sys.executable, "-m", "dwm_jax.study", f"--outdir={out}",
            "--config=configs/transfer.py", "--seeds=0", "--total_steps=2", "--size=micro",
            "--batch=8", f"--data_dir={synthetic_small[0]}", "--dataset=synthetic_sounds/small"]
     res = subprocess.run(cmd + ["--strategies=dispersion_h0"], capture_output=True, text=True,
@@ -204,7 +197,6 @@ def test_a_study_stopped_by_sigterm_probes_nothing_and_resumes(synthetic_small, 
     import signal
 
     from dwm_jax import data
-    study = _load_study()
     out = tmp_path / "study"
     argv = [f"--outdir={out}", "--config=configs/transfer.py", "--strategies=random",
             "--seeds=0", "--total_steps=4", "--size=micro", "--batch=8",

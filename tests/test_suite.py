@@ -1,4 +1,4 @@
-"""The cross-domain evaluation suite (dwm_jax/data/suite.py) at its small scale: every task's
+"""The cross-domain evaluation suite (dwm_jax/suite/tasks.py) at its small scale: every task's
 splits are disjoint by what the task says (speaker, instrument, words, recording condition),
 class counts are as planned, the audio is deterministic by seed, and a task builds."""
 
@@ -13,7 +13,7 @@ import pytest
 import soundfile
 
 from dwm_jax import data
-from dwm_jax.data import suite
+from dwm_jax.suite import tasks as suite
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("espeak-ng") and shutil.which("fluidsynth")
@@ -168,7 +168,7 @@ def test_pitch_notes_are_of_their_class_in_the_octaves_the_front_end_resolves():
 
 
 def test_the_corpus_is_unlabelled_mixed_and_deterministic(tmp_path):
-    from dwm_jax.data import corpus
+    from dwm_jax.suite import corpus
     assert corpus.main(["--out", str(tmp_path / "c"), "--data_dir", str(tmp_path / "d"),
                         "--hours", str(24 * corpus.SECONDS / 3600)]) == 0
     files = sorted(os.listdir(tmp_path / "c" / "audio"))

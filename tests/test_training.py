@@ -13,14 +13,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dwm_jax import checkpointing, pretrained, sharding, trainer
+from dwm_jax import checkpointing, sharding
+from dwm_jax import build, weights
+from dwm_jax import config as config_lib
+from dwm_jax import train as train_lib
+from dwm_jax.train import run_io
+from dwm_jax.train import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def micro_config(data_dir, objective="m2d", masker="dispersion", **overrides):
-    from configs import common
-    c = common.base(objective, masker)
+    c = config_lib.base(objective, masker)
     c.batch_size = 8
     c.total_steps = 12
     c.data.update(data_dir=data_dir, name="synthetic_sounds/small", worker_count=0)
@@ -40,7 +44,7 @@ def micro_config(data_dir, objective="m2d", masker="dispersion", **overrides):
 
 
 def _params(workdir):
-    enc, stats, cfg = pretrained.load_encoder(workdir)
+    enc, stats, cfg = weights.load_encoder(workdir)
     from flax import nnx
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(enc, nnx.Param)))
 
@@ -54,13 +58,13 @@ def test_overfit_a_handful_of_clips(synthetic_small):
     """MSM-MAE on 8 fixed clips with a fixed (deterministic DWM) mask: the micro model
     memorises them and the reconstruction loss falls by more than 5x in 500 steps (measured:
     about 1.13 -> 0.16)."""
-    cfg = micro_config(synthetic_small[0], "msm_mae", "dispersion_det",
-                       **{"masking.hint.mode": "none"})
+    cfg = micro_config(synthetic_small[0], "msm_mae", "dispersion",
+                       **{"masking.hint.mode": "none", "masking.options.deterministic": True})
     cfg.model.decoder = dict(dim=64, depth=2, heads=2)
     cfg.optim.update(base_lr=3e-3 * 256 / 8, warmup_epochs=0, weight_decay=0.0)  # peak 3e-3
-    setup = trainer.make_setup(cfg, steps_per_epoch=1, total_steps=500)
-    state = trainer.init_state(setup, 0)
-    step = jax.jit(lambda s, x: trainer.train_step(setup, s, x))
+    setup = build.make_setup(cfg, steps_per_epoch=1, total_steps=500)
+    state = build.init_state(setup, 0)
+    step = jax.jit(lambda s, x: step_lib.train_step(setup, s, x))
     from dwm_jax import data
     split = data.open_split(synthetic_small[0], "synthetic_sounds/small", "train")
     x = next(iter(data.eval_loader(split, batch_size=8, frames=64, stats=split.norm_stats())))
@@ -78,10 +82,10 @@ EQUIVALENCE = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     sys.path.insert(0, {repo!r})
     import jax, numpy as np
-    from dwm_jax import sharding, trainer
+    from dwm_jax import sharding
     from tests.test_training import micro_config
     cfg = micro_config({data_dir!r}, {objective!r}, "dispersion")
-    setup = trainer.make_setup(cfg, steps_per_epoch=2, total_steps=10)
+    setup = build.make_setup(cfg, steps_per_epoch=2, total_steps=10)
     x = np.asarray(jax.random.normal(jax.random.key(3), (8, 80, 64)))
     try:
         sharding.check_batch(12, sharding.make_mesh(8))
@@ -90,10 +94,10 @@ EQUIVALENCE = textwrap.dedent("""
         assert "divisible by the device count (8)" in str(e), e
     for name, n, fsdp in [("one", 1, False), ("dp8", 8, False), ("fsdp8", 8, True)]:
         mesh = sharding.make_mesh(n)
-        abstract = trainer.abstract_state(setup, 0)
+        abstract = build.abstract_state(setup, 0)
         sh = sharding.state_shardings(abstract, mesh, fsdp=fsdp, fsdp_min_size=64)
-        state = jax.jit(lambda: trainer.init_state(setup, 0), out_shardings=sh)()
-        fn = trainer.jit_train_step(setup, sh, mesh)
+        state = jax.jit(lambda: build.init_state(setup, 0), out_shardings=sh)()
+        fn = step_lib.jit_train_step(setup, sh, mesh)
         xs = sharding.global_batch_array(x, mesh)
         for _ in range(2):
             state, m = fn(state, xs)
@@ -129,7 +133,7 @@ def test_two_steps_on_8_devices_match_one_device(synthetic_small, tmp_path, obje
 CHILD = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})
-    from dwm_jax import data, trainer
+    from dwm_jax import data
     from tests.test_training import micro_config
     cfg = micro_config({data_dir!r})
     calls = [0]
@@ -140,7 +144,7 @@ CHILD = textwrap.dedent("""
             os.kill(os.getpid(), getattr(signal, {sig!r}))
         return original(self)
     data.DevicePrefetcher.__next__ = counting
-    summary = trainer.train(cfg, {workdir!r}, progress=False)
+    summary = train_lib.train(cfg, {workdir!r}, progress=False)
     print("summary", summary.get("preempted_at"), summary["final_step"])
 """)
 
@@ -154,7 +158,7 @@ def _child(synthetic_small, workdir, sig, at_call):
 
 def test_sigkill_then_resume_is_exact_and_sigterm_saves(synthetic_small, tmp_path):
     ref = tmp_path / "ref"
-    trainer.train(micro_config(synthetic_small[0]), str(ref), progress=False)
+    train_lib.train(micro_config(synthetic_small[0]), str(ref), progress=False)
 
     killed = tmp_path / "killed"
     res = _child(synthetic_small, killed, "SIGKILL", at_call=11)  # after checkpoint 8
@@ -165,7 +169,7 @@ def test_sigkill_then_resume_is_exact_and_sigterm_saves(synthetic_small, tmp_pat
     assert resumed_from in (4, 8)  # the async save of step 8 may still be in flight
     logged = [json.loads(line)["step"] for line in open(killed / "metrics.jsonl")]
     assert max(logged) > resumed_from  # the killed run logged steps past its checkpoint
-    summary = trainer.train(micro_config(synthetic_small[0]), str(killed), progress=False)
+    summary = train_lib.train(micro_config(synthetic_small[0]), str(killed), progress=False)
     assert summary["start_step"] == resumed_from and summary["final_step"] == 12
     logged = [json.loads(line)["step"] for line in open(killed / "metrics.jsonl")]
     assert logged == list(range(1, 13))  # each step once, in order, after the resume
@@ -182,7 +186,7 @@ def test_sigkill_then_resume_is_exact_and_sigterm_saves(synthetic_small, tmp_pat
     res = _child(synthetic_small, termed, "SIGTERM", at_call=6)
     assert res.returncode == 0 and "summary 6 6" in res.stdout, res.stderr[-2000:]
     assert os.path.isdir(termed / "checkpoints" / "6")
-    trainer.train(micro_config(synthetic_small[0]), str(termed), progress=False)
+    train_lib.train(micro_config(synthetic_small[0]), str(termed), progress=False)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(_params(termed))):
         np.testing.assert_array_equal(a, b)
 
@@ -205,9 +209,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_smal
         return original(local, mesh)
 
     monkeypatch.setattr(sharding, "global_batch_array", poisoned)
-    with pytest.raises(trainer.NonFiniteError, match=r"step 6: loss=nan.*last good checkpoint "
+    with pytest.raises(train_lib.NonFiniteError, match=r"step 6: loss=nan.*last good checkpoint "
                                                      r"is step 4"):
-        trainer.train(micro_config(synthetic_small[0]), str(tmp_path), progress=False)
+        train_lib.train(micro_config(synthetic_small[0]), str(tmp_path), progress=False)
     params = _params(str(tmp_path))
     assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
 
@@ -225,9 +229,9 @@ def test_non_finite_check_between_log_steps_names_the_first_bad_step(synthetic_s
 
     monkeypatch.setattr(sharding, "global_batch_array", poisoned)
     cfg = micro_config(synthetic_small[0], log_every=5)
-    with pytest.raises(trainer.NonFiniteError, match=r"step 6: loss=nan.*last good checkpoint "
+    with pytest.raises(train_lib.NonFiniteError, match=r"step 6: loss=nan.*last good checkpoint "
                                                      r"is step 4"):
-        trainer.train(cfg, str(tmp_path), progress=False)
+        train_lib.train(cfg, str(tmp_path), progress=False)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [5]
@@ -248,7 +252,7 @@ def test_a_loader_slower_than_the_step_shows_as_input_wait(synthetic_small, tmp_
     monkeypatch.setattr(sharding, "global_batch_array", slowed)
     # no save inside the last interval (a save lets the prefetch thread get ahead)
     cfg = micro_config(synthetic_small[0], log_every=4, total_steps=12, ckpt_every=100)
-    trainer.train(cfg, str(tmp_path), progress=False)
+    train_lib.train(cfg, str(tmp_path), progress=False)
     last = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-1]
     assert last["step"] == 12
     assert 250 < last["input_wait_ms"] <= last["host_wait_ms"] <= last["step_ms"]
@@ -258,7 +262,7 @@ def test_resume_with_another_number_of_hosts_is_refused_and_says_what_to_do(synt
                                                                            tmp_path):
     """A checkpoint written by 2 processes (its meta says so) is not resumed by 1: the data
     iterator state is per host. It is refused with the way out, and left where it is."""
-    trainer.train(micro_config(synthetic_small[0], total_steps=4), str(tmp_path),
+    train_lib.train(micro_config(synthetic_small[0], total_steps=4), str(tmp_path),
                   progress=False)
     path = tmp_path / "checkpoints" / "4" / "meta" / "metadata"
     meta = json.load(open(path))
@@ -267,28 +271,28 @@ def test_resume_with_another_number_of_hosts_is_refused_and_says_what_to_do(synt
     json.dump(meta, open(path, "w"))
     with pytest.raises(checkpointing.CheckpointMismatchError,
                        match=r"written by 2 process\(es\) and this run has 1.*init_from="):
-        trainer.train(micro_config(synthetic_small[0], total_steps=8), str(tmp_path),
+        train_lib.train(micro_config(synthetic_small[0], total_steps=8), str(tmp_path),
                       progress=False)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]  # not moved aside
 
 
 def test_checkpoints_from_before_new_config_fields_still_resume(synthetic_small, tmp_path):
-    """A checkpoint whose config predates fields added since (trainer.ADDED_FIELDS) resumes
-    under their defaults, which behave as runs did before them."""
+    """A checkpoint whose config predates fields added since (those with a legacy value in
+    the config schema) resumes under those values, which behave as runs did before them."""
     import shutil
-    trainer.train(micro_config(synthetic_small[0], total_steps=8), str(tmp_path),
+    train_lib.train(micro_config(synthetic_small[0], total_steps=8), str(tmp_path),
                   progress=False)
     shutil.rmtree(tmp_path / "checkpoints" / "8")
     path = tmp_path / "checkpoints" / "4" / "meta" / "metadata"
     meta = json.load(open(path))
-    for field in trainer.ADDED_FIELDS:
+    for field in [f.path for f in config_lib.FIELDS if f.legacy is not config_lib._NO_LEGACY]:
         node = meta["config"]
         *parents, last = field.split(".")
         for p in parents:
             node = node[p]
         del node[last]
     json.dump(meta, open(path, "w"))
-    summary = trainer.train(micro_config(synthetic_small[0], total_steps=8), str(tmp_path),
+    summary = train_lib.train(micro_config(synthetic_small[0], total_steps=8), str(tmp_path),
                             progress=False)
     assert summary["start_step"] == 4 and summary["final_step"] == 8
     assert not os.path.exists(tmp_path / "config_changes.jsonl")
@@ -301,7 +305,7 @@ def test_scanned_layers_train_like_per_layer_and_count_every_layer(synthetic_sma
     runs = {}
     for scan in (False, True):
         cfg = micro_config(synthetic_small[0], total_steps=4, **{"model.scan_layers": scan})
-        runs[scan] = trainer.train(cfg, str(tmp_path / str(scan)), progress=False)
+        runs[scan] = train_lib.train(cfg, str(tmp_path / str(scan)), progress=False)
         runs[scan]["losses"] = [json.loads(line)["loss"]
                                 for line in open(tmp_path / str(scan) / "metrics.jsonl")]
     np.testing.assert_allclose(runs[True]["losses"], runs[False]["losses"], rtol=1e-4)
@@ -310,7 +314,7 @@ def test_scanned_layers_train_like_per_layer_and_count_every_layer(synthetic_sma
     assert runs[True]["flops_per_step"] == pytest.approx(runs[False]["flops_per_step"], rel=0.08)
     cfg = micro_config(synthetic_small[0], total_steps=6, **{"model.scan_layers": False})
     with pytest.raises(checkpointing.CheckpointMismatchError, match="model.scan_layers"):
-        trainer.train(cfg, str(tmp_path / "True"), progress=False)
+        train_lib.train(cfg, str(tmp_path / "True"), progress=False)
 
 
 def test_completion_clock_times_the_end_of_device_work():
@@ -344,7 +348,7 @@ def test_profile_trace_and_step_flops(synthetic_small, tmp_path):
     """profile_steps='1:3' leaves a profiler trace in the workdir; every log row carries the
     compiled step's FLOPs; MFU is left out on a CPU (no known peak)."""
     cfg = micro_config(synthetic_small[0], total_steps=4, profile_steps="1:3")
-    summary = trainer.train(cfg, str(tmp_path), progress=False)
+    summary = train_lib.train(cfg, str(tmp_path), progress=False)
     traces = [f for _, _, fs in os.walk(tmp_path / "profile") for f in fs]
     assert any(f.endswith(".xplane.pb") for f in traces), traces
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -360,15 +364,15 @@ def test_profile_trace_and_step_flops(synthetic_small, tmp_path):
 
 
 def test_checkpoint_of_another_model_fails_clearly(synthetic_small, tmp_path):
-    trainer.train(micro_config(synthetic_small[0], total_steps=4), str(tmp_path),
+    train_lib.train(micro_config(synthetic_small[0], total_steps=4), str(tmp_path),
                   progress=False)
     other = micro_config(synthetic_small[0], total_steps=8)
     other.model.decoder = dict(dim=64, depth=1, heads=2)
     with pytest.raises(checkpointing.CheckpointMismatchError, match="config.model"):
-        trainer.train(other, str(tmp_path), progress=False)
+        train_lib.train(other, str(tmp_path), progress=False)
     other = micro_config(synthetic_small[0], "msm_mae", total_steps=8)
     with pytest.raises(checkpointing.CheckpointMismatchError, match="config.objective"):
-        trainer.train(other, str(tmp_path), progress=False)
+        train_lib.train(other, str(tmp_path), progress=False)
 
 
 @pytest.mark.parametrize("masker", ["sgim", "inverse_block", "time_freq", "block"])
@@ -376,16 +380,16 @@ def test_the_loop_runs_with_every_strategy(synthetic_small, tmp_path, masker):
     """Two logged steps of the full loop (masking-time logging included) per strategy."""
     cfg = micro_config(synthetic_small[0], "m2d", masker, total_steps=2)
     cfg.model.input_shape = (80, 304)  # a 5 x 19 grid: room for the paper's block settings
-    summary = trainer.train(cfg, str(tmp_path), progress=False)
+    summary = train_lib.train(cfg, str(tmp_path), progress=False)
     assert summary["final_step"] == 2
     assert np.isfinite(summary["last_metrics"]["loss"]) and summary["last_metrics"]["mask_ms"] > 0
 
 
 def test_impossible_configs_name_the_field(synthetic_small, tmp_path):
     with pytest.raises(ValueError, match="batch_size 1000 is larger"):
-        trainer.train(micro_config(synthetic_small[0], batch_size=1000), str(tmp_path))
+        train_lib.train(micro_config(synthetic_small[0], batch_size=1000), str(tmp_path))
     with pytest.raises(ValueError, match="compute_dtype"):
-        trainer.train(micro_config(synthetic_small[0], **{"model.compute_dtype": "fp8"}),
+        train_lib.train(micro_config(synthetic_small[0], **{"model.compute_dtype": "fp8"}),
                       str(tmp_path))
 
 
@@ -428,16 +432,16 @@ def test_resume_refuses_another_run_and_records_accepted_changes(synthetic_small
     another run: refused, naming the field. Logging and checkpoint cadence may change: the
     change is recorded and config.json follows it."""
     workdir = str(tmp_path / "w")
-    trainer.train(micro_config(synthetic_small[0], total_steps=4), workdir, progress=False)
+    train_lib.train(micro_config(synthetic_small[0], total_steps=4), workdir, progress=False)
     for overrides, field in [({"masking.name": "random", "masking.hint.mode": "none",
                                "masking.options": {}}, "config.masking.name"),
                              ({"masking.mask_ratio": 0.6}, "config.masking.mask_ratio"),
                              ({"batch_size": 4}, "config.batch_size"),
                              ({"total_steps": 8}, "config.total_steps")]:
         with pytest.raises(checkpointing.CheckpointMismatchError, match=field):
-            trainer.train(micro_config(synthetic_small[0], **{"total_steps": 4, **overrides}),
+            train_lib.train(micro_config(synthetic_small[0], **{"total_steps": 4, **overrides}),
                           workdir, progress=False)
-    summary = trainer.train(micro_config(synthetic_small[0], total_steps=4, log_every=2,
+    summary = train_lib.train(micro_config(synthetic_small[0], total_steps=4, log_every=2,
                                          ckpt_every=2), workdir, progress=False)
     assert summary["start_step"] == 4
     changes = [json.loads(line) for line in open(os.path.join(workdir,
@@ -452,12 +456,12 @@ def test_resume_refuses_another_run_and_records_accepted_changes(synthetic_small
     _tiny_folder_dataset(tmp_path, two, seed=2)
     run = str(tmp_path / "r")
     kw = {"data.name": "audio_folder/tiny", "total_steps": 2}
-    trainer.train(micro_config(one, **kw), run, progress=False)
+    train_lib.train(micro_config(one, **kw), run, progress=False)
     with pytest.raises(checkpointing.CheckpointMismatchError, match="the built dataset"):
-        trainer.train(micro_config(two, **kw), run, progress=False)
+        train_lib.train(micro_config(two, **kw), run, progress=False)
     moved = str(tmp_path / "moved")
     os.rename(one, moved)                            # the same build in another place
-    assert trainer.train(micro_config(moved, **kw), run, progress=False)["start_step"] == 2
+    assert train_lib.train(micro_config(moved, **kw), run, progress=False)["start_step"] == 2
 
 
 def _state_data_files(step_dir):
@@ -499,7 +503,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(synthetic_sma
     import shutil
     cfg = lambda: micro_config(synthetic_small[0], total_steps=8)  # noqa: E731
     ref, hurt = tmp_path / "ref", tmp_path / "hurt"
-    trainer.train(cfg(), str(ref), progress=False)
+    train_lib.train(cfg(), str(ref), progress=False)
     shutil.copytree(ref, hurt)
     step8 = hurt / "checkpoints" / "8"
     if damage == "bytes":
@@ -513,7 +517,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(synthetic_sma
         json.dump(meta, open(path, "w"))
     with open(hurt / "metrics.jsonl") as f:
         assert len(f.readlines()) == 8
-    summary = trainer.train(cfg(), str(hurt), progress=False)
+    summary = train_lib.train(cfg(), str(hurt), progress=False)
     assert summary["start_step"] == 4 and summary["final_step"] == 8
     assert os.path.isdir(hurt / "checkpoints" / "8.damaged")
     for a, b in zip(jax.tree.leaves(_params(str(ref))), jax.tree.leaves(_params(str(hurt)))):
@@ -522,10 +526,10 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(synthetic_sma
 
 def test_all_checkpoints_damaged_is_a_clear_error(synthetic_small, tmp_path):
     cfg = micro_config(synthetic_small[0], total_steps=4)
-    trainer.train(cfg, str(tmp_path), progress=False)
+    train_lib.train(cfg, str(tmp_path), progress=False)
     _damage_largest_state_file(str(tmp_path / "checkpoints" / "4"))
     with pytest.raises(checkpointing.CheckpointDamagedError, match="no intact checkpoint"):
-        trainer.train(cfg, str(tmp_path), progress=False)
+        train_lib.train(cfg, str(tmp_path), progress=False)
 
 
 def test_full_disk_stops_the_run_at_the_failed_save(synthetic_small, tmp_path):
@@ -542,14 +546,14 @@ def test_full_disk_stops_the_run_at_the_failed_save(synthetic_small, tmp_path):
         workdir = str(mnt / "w")
         cfg = micro_config(synthetic_small[0], total_steps=12)
         # whichever write meets the full disk first, a save or the metrics, stops the run
-        with pytest.raises((checkpointing.CheckpointSaveError, trainer.MetricsWriteError),
+        with pytest.raises((checkpointing.CheckpointSaveError, train_lib.MetricsWriteError),
                            match="No space left on device|failed") as info:
-            trainer.train(cfg, workdir, progress=False)
+            train_lib.train(cfg, workdir, progress=False)
         assert "checkpoints before it are intact" in str(info.value)
         ckpt = checkpointing.Checkpointer(workdir)
         assert ckpt.latest_step() == 4
         ckpt.close()
-        pretrained.load_encoder(workdir)  # restores, fingerprint checked
+        weights.load_encoder(workdir)  # restores, fingerprint checked
         metrics = _metrics(workdir)
         assert max(metrics) < 12  # it stopped, it did not train on to the end
     finally:
@@ -569,10 +573,10 @@ def test_metrics_that_meet_a_full_disk_stop_the_run_naming_the_file(tmp_path):
         def close(self):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    writers = trainer._Writers(str(tmp_path), True)
+    writers = run_io.MetricsWriter(str(tmp_path), True)
     writers.jsonl.close()
     writers.jsonl = FullFile()
-    with pytest.raises(trainer.MetricsWriteError,
+    with pytest.raises(train_lib.MetricsWriteError,
                        match=r"metrics.jsonl: the metrics of step 7 .*No space left"):
         writers.write(7, {"loss": 1.0})
     writers.close()  # quiet: the error that stopped the run was raised already
@@ -583,14 +587,14 @@ def test_sgim_skips_its_encoder_pass_while_every_masked_patch_is_a_hint():
     with the features, bit for bit, and the encoder pass is not in that branch; below 1 the
     features are used as before."""
     cfg = micro_config("unused", "m2d", "sgim")
-    setup = trainer.make_setup(cfg, steps_per_epoch=2, total_steps=10)
-    params = trainer.init_state(setup, 0)["params"]
+    setup = build.make_setup(cfg, steps_per_epoch=2, total_steps=10)
+    params = build.init_state(setup, 0)["params"]
     x = jax.random.normal(jax.random.key(3), (4, 80, 64))
     key = jax.random.key(7)
     from flax import nnx
     encoder = nnx.merge(setup.graphdef, params).encoder
     features = encoder(x)[:, 1:].astype(jnp.float32)
-    step_mask = jax.jit(lambda r: trainer.sample_mask(setup, params, x, key, r))
+    step_mask = jax.jit(lambda r: step_lib.sample_mask(setup, params, x, key, r))
     direct = jax.jit(lambda r: setup.masker(key, x, hint_ratio=r, features=features))
     for r in (1.0, 0.5, 0.0):
         got, want = step_mask(jnp.float32(r)), direct(jnp.float32(r))
@@ -598,7 +602,7 @@ def test_sgim_skips_its_encoder_pass_while_every_masked_patch_is_a_hint():
             np.testing.assert_array_equal(getattr(got, field), getattr(want, field),
                                           err_msg=f"r_h {r}: {field}")
     assert not np.array_equal(direct(jnp.float32(0.0)).mask, direct(jnp.float32(1.0)).mask)
-    jaxpr = jax.make_jaxpr(lambda r: trainer.sample_mask(setup, params, x, key, r))(
+    jaxpr = jax.make_jaxpr(lambda r: step_lib.sample_mask(setup, params, x, key, r))(
         jnp.float32(1.0))
     cond = next(e for e in jaxpr.eqns if e.primitive.name == "cond")
     informed, skipped = (str(b) for b in cond.params["branches"])  # [0]: r_h >= 1 is false

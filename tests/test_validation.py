@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import pytest
+from dwm_jax import config as config_lib
+from dwm_jax import train as train_lib
 
-from configs import demo, m2d, maskers, msm_mae, transfer, transfer_long
-from dwm_jax import validation
+from configs import demo, m2d, msm_mae, transfer, transfer_long
+from dwm_jax import masking
 from tests.test_training import micro_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,8 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("module", [demo, m2d, msm_mae, transfer, transfer_long])
 def test_every_shipped_config_is_valid(module):
-    for variant in maskers.VARIANTS:
-        validation.check_config(module.get_config(variant))
+    for masker in masking.MASKERS:
+        config_lib.check(module.get_config(masker))
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -61,20 +63,20 @@ def test_bad_values_name_the_field(field, value, match):
         node = node[p]
     with node.ignore_type():
         node[last] = value
-    with pytest.raises(validation.ConfigError, match=match):
-        validation.check_config(cfg)
+    with pytest.raises(config_lib.ConfigError, match=match):
+        config_lib.check(cfg)
 
 
 def test_unknown_and_missing_fields_are_named():
     cfg = micro_config("data")
     cfg.unlock()
     cfg.optim.lr = 1e-3                              # a typo for base_lr in a config file
-    with pytest.raises(validation.ConfigError, match=r"unknown field\(s\) config.optim.lr"):
-        validation.check_config(cfg)
+    with pytest.raises(config_lib.ConfigError, match=r"unknown field\(s\) config.optim.lr"):
+        config_lib.check(cfg)
     cfg = micro_config("data")
     del cfg.optim["clip"]
-    with pytest.raises(validation.ConfigError, match=r"lacks field\(s\) config.optim.clip"):
-        validation.check_config(cfg)
+    with pytest.raises(config_lib.ConfigError, match=r"lacks field\(s\) config.optim.clip"):
+        config_lib.check(cfg)
 
 
 @pytest.mark.parametrize("override,match", [
@@ -97,9 +99,9 @@ def test_train_cli_refuses_in_one_line_and_writes_nothing(tmp_path, override, ma
 
 
 def test_a_workdir_that_is_a_file_is_refused(tmp_path):
-    from dwm_jax import trainer
+    pass
     path = tmp_path / "notes.txt"
     path.write_text("keep me")
-    with pytest.raises(validation.ConfigError, match="is a file, not a directory"):
-        trainer.train(micro_config(str(tmp_path / "no_data")), str(path), progress=False)
+    with pytest.raises(config_lib.ConfigError, match="is a file, not a directory"):
+        train_lib.train(micro_config(str(tmp_path / "no_data")), str(path), progress=False)
     assert path.read_text() == "keep me"

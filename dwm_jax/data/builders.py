@@ -29,82 +29,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dwm_jax import audio
-from dwm_jax.data import layouts, synthetic
+from dwm_jax.data import layouts, parallel, synthetic
+from dwm_jax.data.examples import BuildError, Row, SplitStats, check_skipped, clip_example
 
 log = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = layouts.AUDIO_EXTENSIONS
 _SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-class BuildError(ValueError):
-    """A dataset cannot be built as configured; the message names the file, row or field."""
-
-
-# Sums are kept as integers in units of 2**-_EXACT_BITS (every float64 is a whole number of
-# those), so adding them is exact and the same in any order: a split's statistics do not
-# depend on how its clips were divided among workers (builds with 1 or N workers agree).
-_EXACT_BITS = 1100
-
-
-def _exact(values: np.ndarray) -> list[int]:
-    """float64 values as exact integers in units of 2**-_EXACT_BITS."""
-    out = []
-    for v in values.tolist():
-        num, den = float(v).as_integer_ratio()
-        out.append(num * ((1 << _EXACT_BITS) // den))
-    return out
-
-
-def _rounded(total: int) -> float:
-    """An exact integer sum back to the nearest float64 (Python's int division rounds
-    correctly)."""
-    return total / (1 << _EXACT_BITS)
-
-
-class SplitStats:
-    """Per-mel-bin sums and sums of squares of one split, accumulated exactly.
-
-    Each clip's sums are taken in float64 (numpy, the same wherever the clip is processed),
-    then added as exact integers; ``merge`` combines the statistics of disjoint sets of clips
-    (from parallel workers) with the same result as adding the clips one by one.
-    """
-
-    def __init__(self, n_mels: int):
-        self.clips = 0
-        self.frames = 0
-        self.sum = [0] * n_mels
-        self.sumsq = [0] * n_mels
-
-    @staticmethod
-    def clip_sums(log_mel: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-        """(frames, sum [n_mels], sum of squares [n_mels]) of one clip, float64."""
-        x = log_mel.astype(np.float64)
-        return x.shape[1], x.sum(axis=1), np.square(x).sum(axis=1)
-
-    def add_sums(self, frames: int, sums: np.ndarray, sumsqs: np.ndarray):
-        self.clips += 1
-        self.frames += frames
-        self.sum = [a + b for a, b in zip(self.sum, _exact(sums))]
-        self.sumsq = [a + b for a, b in zip(self.sumsq, _exact(sumsqs))]
-
-    def add(self, log_mel: np.ndarray):
-        self.add_sums(*self.clip_sums(log_mel))
-
-    def merge(self, other: "SplitStats") -> "SplitStats":
-        self.clips += other.clips
-        self.frames += other.frames
-        self.sum = [a + b for a, b in zip(self.sum, other.sum)]
-        self.sumsq = [a + b for a, b in zip(self.sumsq, other.sumsq)]
-        return self
-
-    def to_json(self) -> dict:
-        n = max(self.frames, 1) * len(self.sum)
-        mean = _rounded(sum(self.sum)) / n
-        var = max(_rounded(sum(self.sumsq)) / n - mean ** 2, 0.0)
-        return {"clips": self.clips, "frames": self.frames, "mean": float(mean),
-                "std": float(np.sqrt(var)), "sum": [_rounded(t) for t in self.sum],
-                "sumsq": [_rounded(t) for t in self.sumsq]}
 
 
 def _config_record(config: tfds.core.BuilderConfig) -> dict:
@@ -339,16 +270,8 @@ SPLIT_ALIASES = {"training": "train", "validation": "valid", "val": "valid", "de
 _FOLD = re.compile(r"^fold\d+$")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Row:
-    where: str        # "file.csv:12" or the path itself, for error messages
-    path: str
-    label: str | tuple[str, ...] | None   # a tuple for multi-label sets
-    split: str
-
-
 def _checked_row(audio_dir: str, where: str, rel: str, label, given_split: str,
-                 first_seen: dict) -> _Row:
+                 first_seen: dict) -> Row:
     """A row with its split name checked (aliases taken) and its file listed only once."""
     split = SPLIT_ALIASES.get(given_split.lower(), given_split.lower())
     if split not in ("train", "valid", "test") and not _FOLD.match(split):
@@ -361,7 +284,7 @@ def _checked_row(audio_dir: str, where: str, rel: str, label, given_split: str,
         leak = (f" (splits {other.split!r} and {split!r}: test clips would leak into "
                 "training)" if other.split != split else "")
         raise BuildError(f"{where}: {rel} is listed twice, here and at {other.where}{leak}")
-    first_seen[path] = _Row(where, path, label, split)
+    first_seen[path] = Row(where, path, label, split)
     return first_seen[path]
 
 
@@ -387,17 +310,17 @@ class AudioFolder(_LogMelBuilder):
         """``parallel``: build on Apache Beam (parallel.py) instead of in this process."""
         self._rows_cache = None
         self._parallel = parallel
-        self._by_split: dict[str, list[_Row]] = {}
+        self._by_split: dict[str, list[Row]] = {}
         self._beam_scratch = ""
         super().__init__(*args, **kwargs)
 
     # The CSV is read once and checked before anything is written.
-    def _rows(self) -> list[_Row]:
+    def _rows(self) -> list[Row]:
         if self._rows_cache is None:
             self._rows_cache = self._read_rows()
         return self._rows_cache
 
-    def _read_rows(self) -> list[_Row]:
+    def _read_rows(self) -> list[Row]:
         cfg = self.builder_config
         if not os.path.isdir(cfg.audio_dir):
             raise BuildError(f"audio_folder/{cfg.name}: audio_dir {cfg.audio_dir!r} is not a "
@@ -411,7 +334,7 @@ class AudioFolder(_LogMelBuilder):
             if not paths:
                 raise BuildError(f"audio_folder/{cfg.name}: no audio files "
                                  f"({', '.join(AUDIO_EXTENSIONS)}) under {cfg.audio_dir}")
-            return [_Row(p, p, None, "train") for p in paths]
+            return [Row(p, p, None, "train") for p in paths]
         if not os.path.isfile(cfg.csv):
             raise BuildError(f"audio_folder/{cfg.name}: CSV file {cfg.csv!r} does not exist")
         with open(cfg.csv, newline="", encoding="utf-8-sig") as f:  # a BOM is not a name
@@ -461,7 +384,7 @@ class AudioFolder(_LogMelBuilder):
             raise BuildError(f"{cfg.csv}: the CSV lists no files")
         return rows
 
-    def _layout_rows(self) -> list[_Row]:
+    def _layout_rows(self) -> list[Row]:
         cfg = self.builder_config
         try:
             entries = layouts.READERS[cfg.layout](cfg.audio_dir, cfg.split_file)
@@ -470,7 +393,7 @@ class AudioFolder(_LogMelBuilder):
         if not entries:
             raise BuildError(f"audio_folder/{cfg.name}: layout {cfg.layout!r} found no audio "
                              f"under {cfg.audio_dir}")
-        first_seen: dict[str, _Row] = {}
+        first_seen: dict[str, Row] = {}
         return [_checked_row(cfg.audio_dir, e.where, e.rel_path, e.label, e.split, first_seen)
                 for e in entries]
 
@@ -500,7 +423,7 @@ class AudioFolder(_LogMelBuilder):
                 f"audio_folder/{cfg.name}: {len(missing)} listed file(s) do not "
                 f"exist: {listed}{' ...' if len(missing) > 5 else ''} "
                 "(skip_bad_files=True / --skip_bad_files skips and reports them)")
-        by_split: dict[str, list[_Row]] = {}
+        by_split: dict[str, list[Row]] = {}
         for r in self._rows():
             by_split.setdefault(r.split, []).append(r)
         self._by_split = dict(sorted(by_split.items()))
@@ -512,7 +435,7 @@ class AudioFolder(_LogMelBuilder):
     def _label_index(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self._label_names() or ())}
 
-    def _generate_examples(self, split: str, rows: list[_Row]):
+    def _generate_examples(self, split: str, rows: list[Row]):
         cfg = self.builder_config
         stats = SplitStats(cfg.frontend.n_mels)
         skipped = []
@@ -535,8 +458,7 @@ class AudioFolder(_LogMelBuilder):
     # Parallel builds (parallel.py): each split is a Beam transform; its statistics and
     # skipped files come back through small files in a scratch folder, read when the
     # pipeline is done, before TFDS writes the dataset's metadata.
-    def _split_transforms(self, by_split: dict[str, list[_Row]]):
-        from dwm_jax.data import parallel
+    def _split_transforms(self, by_split: dict[str, list[Row]]):
         self._beam_scratch = parallel.scratch_dir(self.data_dir)  # the unfinished dataset's
         index = self._label_index()
         return {split: parallel.split_transform(split, rows, self.builder_config, index,
@@ -544,7 +466,6 @@ class AudioFolder(_LogMelBuilder):
                 for split, rows in by_split.items()}
 
     def _process_pipeline_result(self, pipeline_result):
-        from dwm_jax.data import parallel
         cfg = self.builder_config
         results = {split: parallel.split_results(self._beam_scratch, split)
                    for split in self._by_split}
@@ -555,35 +476,6 @@ class AudioFolder(_LogMelBuilder):
         for split, (stats, skipped) in results.items():
             check_skipped(cfg, split, len(self._by_split[split]), skipped)
             self._finish_split(split, stats, skipped)
-
-
-def clip_example(row: _Row, cfg: AudioFolderConfig, index: dict[str, int]):
-    """(key, example) of one row: log_mel [n_mels, frames], filename and the label(s).
-    Raises AudioLoadError for a missing or unreadable file."""
-    if not os.path.isfile(row.path):
-        raise audio.AudioLoadError(f"{row.path}: listed at {row.where} but does not exist")
-    log_mel = cfg.frontend.from_file(row.path).astype(cfg.dtype)
-    rel = os.path.relpath(row.path, cfg.audio_dir)
-    example = {"log_mel": log_mel, "filename": rel}
-    if isinstance(row.label, tuple):
-        example["labels"] = np.zeros(len(index), np.uint8)
-        example["labels"][[index[name] for name in row.label]] = 1
-    elif row.label is not None:
-        example["label"] = row.label
-    return rel, example
-
-
-def check_skipped(cfg: AudioFolderConfig, split: str, num_rows: int, skipped: list[dict]):
-    """Bad files stop the build naming each one, unless skip_bad_files; all bad always does."""
-    if skipped and not cfg.skip_bad_files:
-        listed = "; ".join(s["reason"] for s in skipped[:10])
-        raise BuildError(
-            f"audio_folder/{cfg.name}: {len(skipped)} bad file(s) in split {split!r}: "
-            f"{listed}{' ...' if len(skipped) > 10 else ''} (skip_bad_files=True / "
-            "--skip_bad_files skips and reports such files)")
-    if len(skipped) == num_rows:
-        raise BuildError(f"audio_folder/{cfg.name}: all {num_rows} file(s) of split "
-                         f"{split!r} are bad, e.g. {skipped[0]['reason']}")
 
 
 # ------------------------------------------------------------------------------- building
@@ -634,7 +526,6 @@ def _parallel_args(builder: str, workers: int, beam_options: str) -> dict:
     if builder != "audio_folder":
         raise BuildError(f"--workers and --beam_options are for audio_folder; {builder} is "
                          "built in one process")
-    from dwm_jax.data import parallel
     options = parallel.pipeline_options(workers, beam_options)
     return {"builder": {"parallel": True},
             "prepare": {"download_config": tfds.download.DownloadConfig(

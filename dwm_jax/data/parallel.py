@@ -10,7 +10,7 @@ same pipeline runs unchanged on a cluster.
 
 Per split: the rows (path, label, split) -> read + log-mel in the workers -> examples, which
 TFDS shuffles and writes as array_record shards; two side branches combine the
-per-clip statistics exactly (builders.SplitStats: integer sums, so the result does not
+per-clip statistics exactly (examples.SplitStats: integer sums, so the result does not
 depend on how clips were divided among workers) and collect bad files, and write them to a
 scratch folder inside the unfinished dataset's folder, read back when the pipeline is done.
 A killed build leaves only TFDS's ``incomplete.*`` folder, which the next build removes.
@@ -28,7 +28,7 @@ import uuid
 from etils import epath
 
 from dwm_jax import audio
-from dwm_jax.data import builders
+from dwm_jax.data import examples
 
 
 def pipeline_options(workers: int, beam_options: str = ""):
@@ -37,11 +37,11 @@ def pipeline_options(workers: int, beam_options: str = ""):
     try:
         from apache_beam.options.pipeline_options import PipelineOptions
     except ImportError:
-        raise builders.BuildError(
+        raise examples.BuildError(
             "a parallel build (--workers > 1 or --beam_options) needs Apache Beam: "
             "pip install 'dwm_jax[beam]'") from None
     if workers < 1:
-        raise builders.BuildError(f"--workers must be at least 1; got {workers}")
+        raise examples.BuildError(f"--workers must be at least 1; got {workers}")
     defaults = {"direct_num_workers": workers, "direct_running_mode": "multi_processing"}
     given = {flag.split("=")[0].lstrip("-") for flag in shlex.split(beam_options)}
     return PipelineOptions(shlex.split(beam_options),
@@ -67,11 +67,11 @@ def _read_clip(indexed_row, cfg, index, n_mels):
     from apache_beam import pvalue
     position, row = indexed_row
     try:
-        key, example = builders.clip_example(row, cfg, index)
+        key, example = examples.clip_example(row, cfg, index)
     except audio.AudioLoadError as e:
         yield pvalue.TaggedOutput("bad", (position, {"file": row.path, "reason": str(e)}))
         return
-    stats = builders.SplitStats(n_mels)
+    stats = examples.SplitStats(n_mels)
     stats.add(example["log_mel"])
     yield pvalue.TaggedOutput("stats", stats)
     yield key, example
@@ -79,7 +79,7 @@ def _read_clip(indexed_row, cfg, index, n_mels):
 
 def _merge_stats(parts, n_mels):
     """Associative and commutative (exact integer sums): Beam may call it on any grouping."""
-    total = builders.SplitStats(n_mels)
+    total = examples.SplitStats(n_mels)
     for part in parts:
         total.merge(part)
     return total

@@ -27,20 +27,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dwm_jax import audio
+from dwm_jax.normalisation import NormStats
 
 CROP_MODES = ("random", "center", "start")
 
-
-@dataclasses.dataclass(frozen=True)
-class NormStats:
-    """Scalar log-mel normalisation: ``(x - mean) / std``."""
-
-    mean: float
-    std: float
-
-    def __post_init__(self):
-        if not (np.isfinite(self.mean) and np.isfinite(self.std) and self.std > 0):
-            raise ValueError(f"NormStats needs a finite mean and std > 0; got {self}")
 
 
 @dataclasses.dataclass(frozen=True)

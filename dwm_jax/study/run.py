@@ -1,19 +1,20 @@
 """The masking study: pretrain the same small model with each strategy, probe each, one table.
 
-  python benchmarks/study.py --outdir docs/study                    # 5 strategies x 3 seeds
+  python -m dwm_jax.study --outdir docs/study                    # 5 strategies x 3 seeds
   make study     # the same on the transfer recipe and the cross-domain suite:
-  python benchmarks/study.py --config configs/transfer.py --tasks suite \
+  python -m dwm_jax.study --config configs/transfer.py --tasks suite \
       --outdir docs/study_transfer
-  python benchmarks/study.py --outdir /tmp/s --strategies random,dispersion --seeds 0 \
+  python -m dwm_jax.study --outdir /tmp/s --strategies random,dispersion --seeds 0 \
       --total_steps 3 --size micro --dataset synthetic_sounds/small     # a smoke run
 
 Every run starts from ``--config`` (default configs/demo.py: ViT-tiny MSM-MAE, 80 x 304,
 batch 32, 8 epochs on synthetic_sounds/default; its ``get_config(masker)`` is called) with
 only the masking strategy and the seed changed; the seed sets the initialisation, the data
 order and the masks. An interrupted study resumes: finished runs are kept in results.json and
-a run in progress resumes from its last checkpoint. Strategies: random, inverse_block,
-dispersion (DWM with the hint schedule), dispersion_h0 (DWM with constant hint 0), sgim (with
-the same schedule) and, only when named, sgim_h0 (SGIM with constant hint 0).
+a run in progress resumes from its last checkpoint. Strategies (``arms.py``): by default
+random, inverse_block, dispersion (DWM with the hint schedule), dispersion_h0 (DWM with
+constant hint 0) and sgim (with the same schedule); any registered masker and the hint-0
+variant of each masker that takes hints can be named.
 Each trained encoder is probed (embedding.Embedder + probe.evaluate_task) on every task, with
 the untrained encoder and raw log-mel statistics as baselines. Writes OUTDIR/results.json,
 OUTDIR/results.md (strategy x task, mean and std over seeds, step cost) and plots.
@@ -26,6 +27,7 @@ rebuilt with other data since (e.g. a new suite version) is probed again, nothin
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -33,33 +35,23 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from dwm_jax import probe, trainer  # noqa: E402
-from dwm_jax.data import suite  # noqa: E402
-from dwm_jax.embedding import POOLINGS, Embedder  # noqa: E402
-
-STRATEGIES = ("random", "inverse_block", "dispersion", "dispersion_h0", "sgim", "sgim_h0")
-DEFAULT_STRATEGIES = STRATEGIES[:5]  # the paper's comparison; sgim_h0 is an ablation
+from dwm_jax import probe, train
+from dwm_jax.embedding import POOLINGS, Embedder
+from dwm_jax.study.arms import ARMS, DEFAULT_ARMS, apply_arm
+from dwm_jax.suite import tasks as suite
 
 
-def load_config_module(path: str):
-    """A configs/*.py file as a module (its ``get_config(masker)`` builds each run's config)."""
-    import importlib.util
-
-    if not os.path.isfile(path):
+def recipe(path: str):
+    """The recipe module of ``--config`` (``configs/transfer.py`` or ``configs.transfer``),
+    imported as a module from the repository root (where ``python -m dwm_jax.study``
+    runs): its ``get_config(masker)`` gives each run."""
+    if path.endswith(".py") and not os.path.isfile(path):
         raise SystemExit(f"study: --config {path}: no such file")
-    spec = importlib.util.spec_from_file_location(
-        "study_config_" + os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(path.removesuffix(".py").replace("/", "."))
 
 
 def study_config(strategy: str, seed: int, args):
-    masker = strategy.removesuffix("_h0")
-    cfg = load_config_module(args.config).get_config(masker)
+    cfg = apply_arm(recipe(args.config).get_config(ARMS[strategy].masker), ARMS[strategy])
     cfg.seed = seed
     cfg.probe.enabled = False
     cfg.keep_ckpts = 2                 # the study probes the last one; resuming needs one
@@ -72,8 +64,6 @@ def study_config(strategy: str, seed: int, args):
         cfg.total_steps = args.total_steps
     if args.batch:
         cfg.batch_size = args.batch
-    if strategy.endswith("_h0"):
-        cfg.masking.hint.update(mode="constant", constant=0.0)
     if args.total_steps and args.total_steps < 50:  # smoke runs: every step logged
         cfg.log_every = 1
     return cfg
@@ -87,7 +77,7 @@ def run_one(strategy: str, seed: int, args) -> dict | None:
     ckpts = os.path.join(workdir, "checkpoints")
     resumed = os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
     t0 = time.perf_counter()
-    summary = trainer.train(cfg, workdir, progress=False)
+    summary = train.train(cfg, workdir, progress=False)
     if "preempted_at" in summary:
         return None
     train_s = None if resumed else time.perf_counter() - t0  # a resumed run's time is partial
@@ -243,9 +233,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--outdir", required=True)
-    p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES))
+    p.add_argument("--strategies", default=",".join(DEFAULT_ARMS),
+                   help=f"comma-separated arms: {', '.join(ARMS)}")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.py"),
+    p.add_argument("--config", default="configs/demo.py",
                    help="a configs/*.py file whose get_config(masker) gives each run")
     p.add_argument("--tasks", default="", help="comma-separated tasks; 'suite' = the six "
                    "cross-domain suite tasks (make suite); default: the training dataset")
@@ -262,9 +253,9 @@ def main(argv=None):
     if not args.pool or set(args.pool) - set(POOLINGS):
         p.error(f"--pool {','.join(args.pool)}: choose from {POOLINGS}")
     args.strategies = args.strategies.split(",")
-    unknown = set(args.strategies) - set(STRATEGIES)
+    unknown = set(args.strategies) - set(ARMS)
     if unknown:
-        p.error(f"unknown strategies {sorted(unknown)}; choose from {STRATEGIES}")
+        p.error(f"unknown strategies {sorted(unknown)}; choose from {list(ARMS)}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
     tasks = suite.task_specs(args.tasks)
     tasks = tasks or [study_config(args.strategies[0], 0, args).data.name]
@@ -281,7 +272,7 @@ def main(argv=None):
             if r is None:
                 try:
                     r = run_one(strategy, seed, args)
-                except trainer.USER_ERRORS as e:  # e.g. a run dir left by another config
+                except train.USER_ERRORS as e:  # e.g. a run dir left by another config
                     # of this strategy: one line naming it, exit 2
                     print(f"study: {strategy} seed {seed}: {e}", file=sys.stderr)
                     sys.exit(2)
@@ -308,7 +299,7 @@ def main(argv=None):
                     f"{suite.short_name(names[t])} {r[key][names[t]]['encoder']:.3f}"
                     for t in stale) +
                     (f" ({r['train_s']:.0f} s)" if r.get("train_s") else ""), flush=True)
-    present = [s for s in STRATEGIES if any(r["strategy"] == s for r in runs)]
+    present = [s for s in ARMS if any(r["strategy"] == s for r in runs)]
     for pool in args.pool:
         key = scores_key(pool)
         tasks_order = [names[t] for t in tasks]

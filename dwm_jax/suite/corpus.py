@@ -10,7 +10,7 @@ numbers are the corpus's own (seeded by ``("corpus", index)``), so no clip repea
 the suite's, though voices, instruments and event classes are shared, as in real
 pretraining data.
 
-``python -m dwm_jax.data.corpus --out corpus --data_dir data --hours 3`` writes the WAV files
+``python -m dwm_jax.suite.corpus --out corpus --data_dir data --hours 3`` writes the WAV files
 and builds them, unlabelled, as ``audio_folder/corpus`` (split ``train``); ``make corpus``
 installs the Debian packages first.
 """
@@ -26,7 +26,9 @@ import sys
 import numpy as np
 import soundfile
 
-from dwm_jax.data import suite, synthetic
+from dwm_jax import data
+from dwm_jax.data import synthetic
+from dwm_jax.suite import tasks as suite
 
 SECONDS = 10.0
 KINDS = ("speech", "music", "events", "mixture")
@@ -136,7 +138,7 @@ def make_corpus(out_dir: str, clips: int, seed: int = 0) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dwm_jax.data.corpus", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dwm_jax.suite.corpus", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="corpus")
     p.add_argument("--data_dir", default="data")
@@ -146,9 +148,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     clips = int(round(args.hours * 3600 / SECONDS))
     if clips < 1:
-        print("python -m dwm_jax.data.corpus: error: --hours gives no clip", file=sys.stderr)
+        print("python -m dwm_jax.suite.corpus: error: --hours gives no clip", file=sys.stderr)
         return 2
-    from dwm_jax import data
     try:
         audio_dir = os.path.join(args.out, "audio")
         manifest = os.path.join(args.out, "corpus.json")
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
         cfg = data.audio_folder_config(args.name, audio_dir=audio_dir)
         b = data.build("audio_folder", args.data_dir, config=cfg)
     except (suite.SuiteError, data.BuildError) as e:
-        print(f"python -m dwm_jax.data.corpus: error: {e}", file=sys.stderr)
+        print(f"python -m dwm_jax.suite.corpus: error: {e}", file=sys.stderr)
         return 2
     print(f"built {b.data_dir}: {clips} clips, {clips * SECONDS / 3600:.2f} hours")
     return 0

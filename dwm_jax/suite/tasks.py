@@ -21,7 +21,7 @@ Every clip then passes a random recording channel (gain, spectral tilt, backgrou
 random SNR, sometimes a room), so no class is told apart by level or by a clean background.
 Instruments comes in four folds (a leave-one-fold-out probe, as ESC-50's five folds): eight
 programs a family are too few for one fixed held-out pair to give a stable score.
-``python -m dwm_jax.data.suite --out suite --data_dir data`` writes each task as a folder of
+``python -m dwm_jax.suite --out suite --data_dir data`` writes each task as a folder of
 WAV files with a labels.csv, builds it with the audio_folder builder as
 ``audio_folder/suite_<task>`` and checks that a linear probe on raw log-mel statistics is well
 above chance and well below 100 %. ``make suite`` installs the Debian packages first.
@@ -43,6 +43,7 @@ import tempfile
 import numpy as np
 import soundfile
 
+from dwm_jax import data, probe
 from dwm_jax.data import synthetic
 
 SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
@@ -446,7 +447,6 @@ def made_with(task_dir: str) -> dict | None:
 def build_task(task: str, out_dir: str, data_dir: str, scale_name: str, seed: int = 0):
     """Makes a task's audio unless it was made by this generator version, scale and seed,
     and builds audio_folder/suite_<task>; remade audio replaces the built dataset."""
-    from dwm_jax import data
     scale = SCALES[scale_name]
     name = f"suite_{task}" if scale_name == "full" else f"suite_{task}_{scale_name}"
     task_dir = os.path.join(out_dir, task)
@@ -464,7 +464,6 @@ def build_task(task: str, out_dir: str, data_dir: str, scale_name: str, seed: in
 def check_raw_probe(data_dir: str, dataset: str) -> dict:
     """The raw log-mel linear probe's test accuracy, chance, and whether the task is in the
     useful range (above 2x chance, below 0.9)."""
-    from dwm_jax import probe
     r = probe.evaluate_task(dataset, data_dir, {"raw_logmel": (probe.raw_features, None)})
     acc = r["raw_logmel"]["test_accuracy"]
     return {"task": dataset, "classes": r["num_classes"], "test_clips": r["num_test"],
@@ -485,7 +484,7 @@ def versions() -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dwm_jax.data.suite", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dwm_jax.suite", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="suite", help="where the audio folders are written")
     p.add_argument("--data_dir", default="data", help="where the datasets are built")
@@ -497,7 +496,7 @@ def main(argv=None) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in GENERATORS]
     if unknown:
-        print(f"python -m dwm_jax.data.suite: error: unknown task(s) {unknown}; known: "
+        print(f"python -m dwm_jax.suite: error: unknown task(s) {unknown}; known: "
               f"{', '.join(TASKS)}", file=sys.stderr)
         return 2
     results = []
@@ -508,7 +507,7 @@ def main(argv=None) -> int:
             if not args.no_check:
                 results.append(check_raw_probe(args.data_dir, dataset))
     except SuiteError as e:
-        print(f"python -m dwm_jax.data.suite: error: {e}", file=sys.stderr)
+        print(f"python -m dwm_jax.suite: error: {e}", file=sys.stderr)
         return 2
     if not results:  # nothing checked: the last checks' record stays
         return 0

@@ -1,8 +1,8 @@
 """Probe accuracy against pretraining steps: every checkpoint of a run, on every task.
 
-  python benchmarks/learning_curve.py --workdir workdirs/transfer --tasks suite
-  python benchmarks/learning_curve.py --workdir workdirs/transfer --tasks suite --steps 500,5940
-  python benchmarks/learning_curve.py --workdir workdirs/transfer --pool mean_std
+  python -m dwm_jax.study.curve --workdir workdirs/transfer --tasks suite
+  python -m dwm_jax.study.curve --workdir workdirs/transfer --tasks suite --steps 500,5940
+  python -m dwm_jax.study.curve --workdir workdirs/transfer --pool mean_std
 
 Each checkpoint's encoder is probed with eval.py's protocol (embedding.Embedder features,
 standardised, softmax regression with early stopping on valid); the untrained encoder and raw
@@ -18,17 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from dwm_jax import pretrained, probe  # noqa: E402
-from dwm_jax.data import suite  # noqa: E402
-from dwm_jax.embedding import POOLINGS, Embedder  # noqa: E402
+from dwm_jax import probe, weights
+from dwm_jax.embedding import POOLINGS, Embedder
+from dwm_jax.suite import tasks as suite
 
 
 
@@ -109,7 +105,7 @@ def main(argv=None):
         if not todo:
             continue
         t0 = time.perf_counter()
-        encoder, stats, config = pretrained.load_encoder(args.workdir, step)
+        encoder, stats, config = weights.load_encoder(args.workdir, step)
         emb = Embedder(encoder, stats)
         rnd = None
         for spec in todo:

@@ -1,0 +1,3 @@
+from dwm_jax.study.run import main
+
+main()

@@ -1,0 +1,5 @@
+import sys
+
+from dwm_jax.suite.tasks import main
+
+sys.exit(main())

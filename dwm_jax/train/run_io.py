@@ -1,0 +1,137 @@
+"""What a training run writes and how it is stopped: the metrics log (metrics.jsonl and
+TensorBoard), accepted config changes on resume, and the SIGTERM / Ctrl-C handler that
+stops a run at a step with a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tensorboardX import SummaryWriter
+
+log = logging.getLogger(__name__)
+
+
+def write_config(workdir: str, config: dict) -> None:
+    """config.json: the config in force in ``workdir``."""
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+
+
+def record_changes(workdir: str, step: int, changes, config: dict):
+    """Notes accepted config changes in ``config_changes.jsonl`` and makes config.json the
+    config now in force."""
+    with open(os.path.join(workdir, "config_changes.jsonl"), "a") as f:
+        for field, old, new in changes:
+            f.write(json.dumps(dict(step=step, field=field, checkpoint=old, now=new)) + "\n")
+    write_config(workdir, config)
+    log.warning("resumed at step %d with changed %s (recorded in config_changes.jsonl)", step,
+                ", ".join(c[0] for c in changes))
+
+
+class MetricsWriter:
+    """metrics.jsonl and TensorBoard events (process 0 only). On resume from ``start``, rows
+    of later steps (logged by a run killed after its last checkpoint) are dropped first, so
+    each step appears once."""
+
+    def __init__(self, workdir: str, enabled: bool, start: int = 0):
+        self.enabled = enabled
+        self.failed = False
+        if enabled:
+            self.path = os.path.join(workdir, "metrics.jsonl")
+            truncate_metrics(self.path, start)
+            self.jsonl = open(self.path, "a")
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict):
+        if not self.enabled:
+            return
+        try:
+            self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+            self.jsonl.flush()
+            for k, v in scalars.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+        except OSError as e:  # a full disk: stop here, before a save could fail halfway
+            self.failed = True
+            raise MetricsWriteError(
+                f"{self.path}: the metrics of step {step} could not be written "
+                f"({e.strerror or e}); the run stopped, the checkpoints before it are "
+                "intact") from None
+
+    def close(self, quiet: bool = False):
+        """``quiet``: another error is stopping the run; a failed close must not hide it."""
+        if not self.enabled:
+            return
+        for close in (self.jsonl.close, self.tb.close):
+            try:
+                close()
+            except OSError as e:
+                if not (self.failed or quiet):  # else the run's own error is on its way
+                    raise MetricsWriteError(f"{self.path}: closing the metrics failed "
+                                            f"({e.strerror or e})") from None
+
+
+class MetricsWriteError(OSError):
+    """metrics.jsonl or the TensorBoard log could not be written (e.g. a full disk)."""
+
+
+def truncate_metrics(path: str, last_step: int):
+    """Keeps the rows of ``path`` up to ``last_step`` (atomically; a torn last line goes)."""
+    if not os.path.exists(path):
+        return
+    kept, dropped = [], False
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                dropped = True
+                continue
+            if row.get("step", 0) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped = True
+    if dropped:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+class Preemption:
+    """SIGTERM, or a first Ctrl-C (SIGINT), sets a flag; the loop saves a checkpoint and exits
+    at the next step. A second Ctrl-C interrupts at once (the last checkpoint stays).
+
+    With several processes the hosts must stop at the same step (the save and the next
+    step are collective), so :meth:`stop_now` all-gathers the flags: any host's SIGTERM
+    stops every host, at the same step.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._old = {sig: signal.signal(sig, self._handler)
+                     for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handler(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            print("\nstopping after this step with a checkpoint (Ctrl-C again: at once)",
+                  file=sys.stderr)
+        self.requested = True
+
+    def stop_now(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.int32(self.requested))
+        return bool(np.any(flags))
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
