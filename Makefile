@@ -1,4 +1,5 @@
-# make demo: the main job on built-in data.  make test: the test suite.
+# make demo: the main job on built-in data.  make test: the fast tier of the tests;
+# make test-all: every test (what CI runs).
 # Both create .venv from setup.cfg when it is missing or older than the package metadata.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -7,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 comma := ,
 
-.PHONY: demo figures test bench data-parallel suite suite-data corpus transfer study study-long \
+.PHONY: demo figures test test-all bench data-parallel suite suite-data corpus transfer study study-long \
 	transfer-seeds clean-venv
 
 $(STAMP): setup.cfg pyproject.toml
@@ -49,7 +50,11 @@ $(DEBS_STAMP): $(STAMP)
 	  || echo "could not install $(DEBS): the suite's tests will be skipped"; fi
 	touch $(DEBS_STAMP)
 
+# the fast tier (what a contributor runs before each commit) and the whole suite (CI)
 test: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP)
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 # the cross-domain evaluation suite (dwm_jax.suite.py): audio under suite/, datasets
