@@ -82,7 +82,8 @@ EQUIVALENCE = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     sys.path.insert(0, {repo!r})
     import jax, numpy as np
-    from dwm_jax import sharding
+    from dwm_jax import build, sharding
+    from dwm_jax.train import step as step_lib
     from tests.test_training import micro_config
     cfg = micro_config({data_dir!r}, {objective!r}, "dispersion")
     setup = build.make_setup(cfg, steps_per_epoch=2, total_steps=10)
@@ -134,6 +135,7 @@ CHILD = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})
     from dwm_jax import data
+    from dwm_jax import train as train_lib
     from tests.test_training import micro_config
     cfg = micro_config({data_dir!r})
     calls = [0]
