@@ -98,7 +98,7 @@ transfer-seeds: $(SUITE_DATA) $(CORPUS_DATA)
 	    --tasks=suite --seeds=$(SEEDS) --pool=mean,mean_std --outdir=docs/transfer_long
 
 # the masking study on the long recipe, beside its DWM runs in docs/transfer_long (~31 min a
-# run alone, SGIM ~1.8x; twice that on an AVX2-only host): make study-long [STRATEGIES=random,inverse_block] [SEEDS=0]; resumes
+# run alone, SGIM ~1.8x): make study-long [STRATEGIES=random,inverse_block] [SEEDS=0]; resumes
 STRATEGIES ?= random,inverse_block,dispersion,dispersion_h0,sgim
 study-long: $(SUITE_DATA) $(CORPUS_DATA)
 	$(PY) -m dwm_jax.study --config=configs/transfer_long.py --strategies=$(STRATEGIES) \

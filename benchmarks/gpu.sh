@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU run of issue #10, under 8 minutes on one H100:
+# The prepared GPU run, under 8 minutes on one H100:
 #   bash benchmarks/gpu.sh            (PY=/path/to/python to use another environment)
 # 1. The ViT-B M2D training step in bfloat16, batch 256, 80 x 608, with random and with DWM
 #    masking: step time, examples/s and MFU (XLA cost analysis / the device's bf16 peak).

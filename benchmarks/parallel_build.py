@@ -1,4 +1,4 @@
-"""Parallel dataset builds (issue #11): clips/s with 1 (in-process) and N Beam workers on the
+"""Parallel dataset builds: clips/s with 1 (in-process) and N Beam workers on the
 same folder, and the time and memory of reading each result with the training pipeline.
 
   python -m benchmarks.parallel_build                      # 240 clips of 10 s, workers 1, 2

@@ -11,8 +11,8 @@ audio_folder/suite_instruments,audio_folder/suite_pitch
 Variants: any masker, e.g. ``--config=configs/transfer.py:random``; the objective with
 ``--config=configs/transfer.py:dispersion,m2d``. Longer: ``--config.epochs=180
 --config.masking.hint.start_epoch=40`` (the hint schedule starts at 2/9 of the run). Checkpoints
-every 500 steps; ``benchmarks/learning_curve.py`` probes each (``make transfer`` runs all).
-What was tried on the way here (one seed each, probe at 2000 steps) is in docs/results.md.
+every 500 steps; ``python -m dwm_jax.study.curve`` probes each (``make transfer`` runs all).
+What was tried on the way here (one seed each, probe at 2000 steps) is in docs/results/transfer.md.
 """
 
 from configs import demo

@@ -1,12 +1,12 @@
 """The transfer recipe at three times the length: 180 epochs (5940 steps, ~31 min alone on
 2 cores), the hint schedule from epoch 40 (2/9 of the run, as in configs/transfer.py).
 Probed with the encoder's mean and std over time, it is the recipe that passes both the
-untrained encoder and raw log-mel on the suite (docs/results.md, "Like for like"):
+untrained encoder and raw log-mel on the suite (docs/results/transfer.md, "Like for like"):
 
     make corpus suite
     python train.py --config=configs/transfer_long.py --workdir=workdirs/transfer_long \
         [--config.seed=1]
-    python benchmarks/learning_curve.py --workdir=workdirs/transfer_long --pool=mean_std
+    python -m dwm_jax.study.curve --workdir=workdirs/transfer_long --pool=mean_std
 
 ``make transfer-seeds`` trains it with seeds 0, 1 and 2 and probes each at its last step.
 """

@@ -69,7 +69,7 @@ def test_resume_policy_comes_from_the_schema():
 
 def test_a_stored_config_without_later_fields_reads_as_it_behaved():
     stored = config_lib.to_json_dict(config_lib.base())
-    legacy = {f.path: f.legacy for f in config_lib.FIELDS if f.legacy is not config_lib._NO_LEGACY}
+    legacy = {f.path: f.legacy for f in config_lib.FIELDS if f.has_legacy}
     assert {"optim.eps", "model.scan_layers", "data.prefetch"} <= set(legacy)
     for path in legacy:
         *parents, last = path.split(".")
@@ -83,7 +83,10 @@ def test_a_stored_config_without_later_fields_reads_as_it_behaved():
         == ([], [])
 
 
-def test_reference_lists_every_field():
+def test_reference_lists_every_field_and_the_docs_page_is_current():
     table = config_lib.reference_markdown()
     for f in config_lib.FIELDS:
         assert f"| `{f.path}` |" in table
+    page = open(os.path.join(REPO, "docs", "reference", "config.md")).read()
+    assert page == config_lib.reference_document(), (
+        "docs/reference/config.md is stale: python -m dwm_jax.config > docs/reference/config.md")

@@ -11,11 +11,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE_USE = """
 import jax, jax.numpy as jnp
 from dwm_jax import masking
-from dwm_jax import build, weights
-from dwm_jax import config as config_lib
-from dwm_jax import train as train_lib
-from dwm_jax.train import init_from, run_io
-from dwm_jax.train import step as step_lib
 masker = masking.make_masker("dispersion", input_shape=(80, 64), mask_ratio=0.7)
 x = jax.random.normal(jax.random.key(0), (4, 80, 64))
 m = jax.jit(masker)(jax.random.key(1), x)

@@ -23,6 +23,6 @@ def test_mask_figure_masks_the_active_regions(tmp_path):
         assert m.shape == (190,) and m.sum() == 133
     # the demo clip is silent in its first 0.3 s: DWM at hint 0 keeps those patches visible
     silent_cols = np.arange(190) % 38 == 0
-    assert masks["DWM (hint 0)"][silent_cols].mean() < masks["random"][silent_cols].mean() + 0.01
+    assert masks["dispersion"][silent_cols].mean() < masks["random"][silent_cols].mean() + 0.01
     plots.plot_hint_schedule(str(tmp_path / "s.png"))
     assert (tmp_path / "s.png").stat().st_size > 10_000

@@ -146,7 +146,7 @@ def test_summary_leaves_out_scores_and_baselines_on_data_rebuilt_since():
 
 
 def test_each_study_strategy_trains_with_its_hints():
-    """DWM and SGIM follow the hint schedule (docs/masking.md, SGIM step 4); the *_h0
+    """DWM and SGIM follow the hint schedule (the paper's SGIM, step 4); the *_h0
     variants hold r_h at 0 with the same masker; random and inverse block take no hints."""
     import argparse
     args = argparse.Namespace(config="configs/transfer_long.py",

@@ -287,7 +287,7 @@ def test_checkpoints_from_before_new_config_fields_still_resume(synthetic_small,
     shutil.rmtree(tmp_path / "checkpoints" / "8")
     path = tmp_path / "checkpoints" / "4" / "meta" / "metadata"
     meta = json.load(open(path))
-    for field in [f.path for f in config_lib.FIELDS if f.legacy is not config_lib._NO_LEGACY]:
+    for field in [f.path for f in config_lib.FIELDS if f.has_legacy]:
         node = meta["config"]
         *parents, last = field.split(".")
         for p in parents:

@@ -2,9 +2,11 @@
 log-mel spectrograms, and Grain loaders that read them without TensorFlow.
 
   cli.py        the ``python -m dwm_jax.data`` CLI
-  builders.py   the TFDS builders, presets, build-time statistics, build()
-  pipeline.py   open_split, train_loader, eval_loader, whole_clips, NormStats,
-                DevicePrefetcher
+  builders.py   the TFDS builders, presets, build()
+  examples.py   one audio file -> one example, build-time statistics (shared by both builds)
+  parallel.py   the same builds as Apache Beam pipelines
+  layouts.py    published datasets' own layouts
+  pipeline.py   open_split, train_loader, eval_loader, whole_clips, DevicePrefetcher
   synthetic.py  the procedural sound classes
 """
 

@@ -190,7 +190,6 @@ def _save_unless_saved(ckpt, monitor, step: int, state, inputs, meta):
     if ckpt.latest_step() != step:
         monitor.check_finite()
         ckpt.save(step, state, inputs, meta)
-    ckpt.wait()
 
 
 class _Monitor:
