@@ -34,6 +34,14 @@ class ConfigError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ rules
+# A rule returns None for a good value, else what is wrong; its ``text`` is the reference's.
+
+def _described(text: str):
+    def deco(rule):
+        rule.text = text
+        return rule
+    return deco
+
 
 def _integer(low: int | None = None, high: int | None = None):
     def rule(v):
@@ -62,16 +70,19 @@ def _number(low=None, high=None, low_open=False, high_open=False):
     return rule
 
 
+@_described("True / False")
 def _boolean(v):
     if not isinstance(v, bool):
         return "must be True or False"
 
 
+@_described("non-empty string")
 def _string(v):
     if not isinstance(v, str) or not v:
         return "must be a non-empty string"
 
 
+@_described("string")
 def _optional_string(v):
     if not isinstance(v, str):
         return "must be a string"
@@ -86,12 +97,14 @@ def _one_of(choices: Callable[[], tuple]):
     return rule
 
 
+@_described("two positive integers")
 def _pair(v):
     if (not isinstance(v, (tuple, list)) or len(v) != 2 or
             any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in v)):
         return "must be two positive integers"
 
 
+@_described("a size name or DxLxH")
 def _size(v):
     try:
         vit.parse_size(v)
@@ -99,6 +112,7 @@ def _size(v):
         return f"must be one of {list(vit.SIZES)} or 'DIMxDEPTHxHEADS[xMLP_RATIO]'"
 
 
+@_described("'A:B' or ''")
 def _steps_range(v):
     if not isinstance(v, str):
         return "must be a string 'A:B' or ''"
@@ -108,15 +122,10 @@ def _steps_range(v):
         return str(e)
 
 
+@_described("dict, checked by building it")
 def _free(v):  # checked by building what it describes
     if not isinstance(v, dict) and not hasattr(v, "to_dict"):
         return "must be a dict"
-
-
-_boolean.text, _string.text, _optional_string.text = "True / False", "non-empty string", "string"
-_pair.text, _size.text, _steps_range.text = "two positive integers", "a size name or DxLxH", \
-    "'A:B' or ''"
-_free.text = "dict, checked by building it"
 
 
 # ----------------------------------------------------------------------------------- schema
