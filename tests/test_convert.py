@@ -72,6 +72,7 @@ def test_converted_fixture_gives_their_runtime_features(tmp_path):
         np.testing.assert_allclose(ours, z["portable/features"][i], atol=2e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("objective", ["m2d", "msm_mae"])
 def test_step_from_converted_full_checkpoint_reproduces_their_loss(objective, scan, tmp_path):
@@ -156,6 +157,7 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path):
     assert "broken.npz: not a readable .npz" in res.stderr
 
 
+@pytest.mark.slow
 def test_a_workdir_holding_something_else_is_refused(tmp_path, capsys, synthetic_small):
     _, weights = _fixture("m2d")
     np.savez(tmp_path / "a.npz", **weights)
@@ -165,7 +167,7 @@ def test_a_workdir_holding_something_else_is_refused(tmp_path, capsys, synthetic
     assert "nothing to do" in capsys.readouterr().out
     assert _convert(tmp_path / "b.npz", tmp_path / "conv", "--num_heads", "4") == 2
     assert "already holds weights converted from" in capsys.readouterr().err
-    from tests.test_training import micro_config
+    from tests.helpers import micro_config
     train_lib.train(micro_config(synthetic_small[0], total_steps=2), str(tmp_path / "run"),
                   progress=False)
     assert _convert(tmp_path / "a.npz", tmp_path / "run", *FLAGS["m2d"]) == 2
@@ -262,10 +264,11 @@ def _encoder_source(tmp_path):
     return str(tmp_path / "enc")
 
 
+@pytest.mark.slow
 def test_init_from_an_encoder_only_checkpoint_trains_on(tmp_path, synthetic_small):
     """Continued M2D pretraining from their encoder on our data (another crop length): the
     run starts from it, the target from its blocks; a size with other heads is refused."""
-    from tests.test_training import micro_config
+    from tests.helpers import micro_config
     source = _encoder_source(tmp_path)
     cfg = micro_config(synthetic_small[0], total_steps=2, init_from=source)
     cfg.model.size = "64x2x4"
@@ -288,8 +291,9 @@ def test_init_from_an_encoder_only_checkpoint_trains_on(tmp_path, synthetic_smal
         train_lib.train(cfg, str(tmp_path / "run3"), progress=False)
 
 
+@pytest.mark.slow
 def test_init_from_our_own_run_takes_everything(tmp_path, synthetic_small):
-    from tests.test_training import micro_config
+    from tests.helpers import micro_config
     cfg = micro_config(synthetic_small[0], total_steps=2)
     train_lib.train(cfg, str(tmp_path / "a"), progress=False)
     source = weights_lib.read_weights(str(tmp_path / "a"))

@@ -16,6 +16,8 @@ import soundfile
 
 from dwm_jax import data
 
+pytestmark = pytest.mark.slow  # subprocesses, builds or training runs
+
 pytest.importorskip("apache_beam", reason="pip install 'dwm_jax[beam]' (make test does)")
 
 

@@ -115,13 +115,14 @@ def test_waveform_embedding_matches_the_log_mel_path(embedder):
 
 @pytest.fixture(scope="module")
 def trained_run(synthetic_small, tmp_path_factory):
-    from tests.test_training import micro_config
+    from tests.helpers import micro_config
     workdir = str(tmp_path_factory.mktemp("run"))
     train_lib.train(micro_config(synthetic_small[0], "msm_mae", "random", total_steps=4),
                   workdir, progress=False)
     return workdir
 
 
+@pytest.mark.slow
 def test_eval_cli_writes_results_with_both_baselines(synthetic_small, trained_run):
     res = subprocess.run([sys.executable, "eval.py", f"--workdir={trained_run}",
                           "--tasks=synthetic_sounds/small",
@@ -154,11 +155,12 @@ def test_eval_cli_writes_results_with_both_baselines(synthetic_small, trained_ru
     assert pooled.shape == (48, 2 * mean.shape[1]) and pooled[:, mean.shape[1]:].min() >= 0
 
 
+@pytest.mark.slow
 def test_eval_cache_follows_the_weights_not_the_step(synthetic_small, tmp_path):
     """Retraining a workdir to the same step must not report the old run's features."""
     import shutil
 
-    from tests.test_training import micro_config
+    from tests.helpers import micro_config
     workdir = str(tmp_path / "run")
 
     def train_and_eval(seed, *flags):
@@ -181,6 +183,7 @@ def test_eval_cache_follows_the_weights_not_the_step(synthetic_small, tmp_path):
     assert sum(k.startswith("encoder_") for k in keys) == 2, keys
 
 
+@pytest.mark.slow
 def test_eval_errors_are_clear(synthetic_small, trained_run, tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "eval.py", *args], capture_output=True,
@@ -239,6 +242,7 @@ def test_fold_datasets_use_leave_one_fold_out(tmp_path):
     assert r["raw"]["test_accuracy"] == 1.0  # a 300 Hz tone vs a 3 kHz tone
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["bytes", "silent_value_change"])
 def test_eval_names_a_damaged_checkpoint_in_one_line(synthetic_small, tmp_path, damage):
     """eval.py reads only the encoder's arrays (and checks them against their fingerprint):
@@ -246,12 +250,12 @@ def test_eval_names_a_damaged_checkpoint_in_one_line(synthetic_small, tmp_path, 
     was saved, is named in one line."""
     import shutil
 
-    from tests.test_training import _damage_state_files, micro_config
+    from tests.helpers import damage_state_files, micro_config
     workdir = tmp_path / "run"
     train_lib.train(micro_config(synthetic_small[0], "msm_mae", "random", total_steps=4),
                   str(workdir), progress=False)
     if damage == "bytes":
-        _damage_state_files(str(workdir / "checkpoints" / "4"))
+        damage_state_files(str(workdir / "checkpoints" / "4"))
     else:
         path = os.path.join(workdir, "checkpoints", "4", "meta", "metadata")
         meta = json.load(open(path))

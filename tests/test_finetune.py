@@ -18,13 +18,15 @@ from dwm_jax.embedding import Embedder
 from dwm_jax.models import vit
 from dwm_jax import train as train_lib
 
+pytestmark = pytest.mark.slow  # subprocesses, builds or training runs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = "synthetic_sounds/small"
 
 
 @pytest.fixture(scope="module")
 def pretrained_run(synthetic_small, tmp_path_factory):
-    from tests.test_training import micro_config
+    from tests.helpers import micro_config
     workdir = str(tmp_path_factory.mktemp("run"))
     train_lib.train(micro_config(synthetic_small[0], "msm_mae", "random", total_steps=4),
                   workdir, progress=False)

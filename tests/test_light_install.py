@@ -6,6 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a fresh venv and pip install
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CORE_USE = """

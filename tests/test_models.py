@@ -178,6 +178,7 @@ def _loss_and_grads(objective, batch, **switches):
                                     dict(remat="dots_with_no_batch_dims_saveable"),
                                     dict(attention="xla"), dict(dtype=jnp.bfloat16),
                                     dict(scan=True), dict(scan=True, remat="full")])
+@pytest.mark.slow
 def test_accelerator_switches_give_the_default_loss_and_gradients(objective, switch, batch):
     """Rematerialisation recomputes the same numbers; explicit 'xla' attention is the
     default; scanned layers keep one parameter subtree per block (the same tree) and give the

@@ -12,7 +12,10 @@ import time
 import jax
 import numpy as np
 
-from tests.test_training import _metrics, _params
+from tests.helpers import read_metrics, read_params
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses, builds or training runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
@@ -71,7 +74,7 @@ def test_two_processes_sigterm_on_one_host_then_exact_resume(synthetic_small, tm
 
     outs = _finish(_launch(data_dir, ref, _free_port()))
     assert all(f"(step {STEPS})" in o for o in outs)
-    by_step = _metrics(ref)
+    by_step = read_metrics(ref)
     assert sorted(by_step) == list(range(1, STEPS + 1))
     assert _steps_logged(ref) == STEPS  # each step once: process 0 is the only writer
     assert sorted(os.listdir(ref / "checkpoints")) == ["10", "20", "30"]
@@ -90,8 +93,8 @@ def test_two_processes_sigterm_on_one_host_then_exact_resume(synthetic_small, tm
 
     outs = _finish(_launch(data_dir, cut, _free_port()))  # resume on both hosts
     assert all(f"(step {STEPS})" in o for o in outs)
-    cut_by_step = _metrics(cut)
+    cut_by_step = read_metrics(cut)
     assert [cut_by_step[s]["loss"] for s in range(1, STEPS + 1)] == [
         by_step[s]["loss"] for s in range(1, STEPS + 1)]
-    for a, b in zip(jax.tree.leaves(_params(ref)), jax.tree.leaves(_params(cut)), strict=True):
+    for a, b in zip(jax.tree.leaves(read_params(ref)), jax.tree.leaves(read_params(cut)), strict=True):
         np.testing.assert_array_equal(a, b)  # bitwise

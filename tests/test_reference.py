@@ -170,6 +170,7 @@ def test_msm_mae_decoder_target_and_loss(mae):
     assert np.abs(np.asarray(biased) - mae.z["fwd/target"]).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_every_gradient(ref):
     loss, grads = jax.value_and_grad(ref.loss_fn)(ref.params)
     np.testing.assert_allclose(float(loss), float(ref.z["loss"]), rtol=1e-5)

@@ -7,6 +7,9 @@ import sys
 
 from dwm_jax.study import arms
 from dwm_jax.study import run as study
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses, builds or training runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,7 +86,7 @@ def test_study_names_a_missing_config(tmp_path):
 
 def test_learning_curve_probes_every_checkpoint(synthetic_small, tmp_path):
     from dwm_jax import train as train_lib
-    from tests.test_training import micro_config
+    from tests.helpers import micro_config
 
     data_dir = synthetic_small[0]
     workdir = str(tmp_path / "run")

@@ -15,10 +15,12 @@ import soundfile
 from dwm_jax import data
 from dwm_jax.suite import tasks as suite
 
-pytestmark = pytest.mark.skipif(
-    not (shutil.which("espeak-ng") and shutil.which("fluidsynth")
-         and os.path.isfile(suite.SOUNDFONT)),
-    reason="needs espeak-ng, fluidsynth and fluid-soundfont-gm (make test installs them)")
+pytestmark = [
+    pytest.mark.slow,  # synthesises and builds every task
+    pytest.mark.skipif(
+        not (shutil.which("espeak-ng") and shutil.which("fluidsynth")
+             and os.path.isfile(suite.SOUNDFONT)),
+        reason="needs espeak-ng, fluidsynth and fluid-soundfont-gm (make test installs them)")]
 
 SMALL = suite.SCALES["small"]
 

@@ -19,41 +19,13 @@ from dwm_jax import config as config_lib
 from dwm_jax import train as train_lib
 from dwm_jax.train import run_io
 from dwm_jax.train import step as step_lib
+from tests.helpers import (damage_largest_state_file, micro_config,
+                           read_metrics, read_params)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def micro_config(data_dir, objective="m2d", masker="dispersion", **overrides):
-    c = config_lib.base(objective, masker)
-    c.batch_size = 8
-    c.total_steps = 12
-    c.data.update(data_dir=data_dir, name="synthetic_sounds/small", worker_count=0)
-    c.model.update(size="micro", input_shape=(80, 64), decoder=dict(dim=32, depth=1, heads=2))
-    c.optim.update(base_lr=2e-3, warmup_epochs=1)
-    c.masking.hint.update(start_epoch=0)
-    c.log_every = 1
-    c.log_data_fingerprint = True
-    c.ckpt_every = 4
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
-
-
-def _params(workdir):
-    enc, stats, cfg = weights.load_encoder(workdir)
-    from flax import nnx
-    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(enc, nnx.Param)))
-
-
-def _metrics(workdir):
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    return {r["step"]: r for r in rows}
-
-
+@pytest.mark.slow
 def test_overfit_a_handful_of_clips(synthetic_small):
     """MSM-MAE on 8 fixed clips with a fixed (deterministic DWM) mask: the micro model
     memorises them and the reconstruction loss falls by more than 5x in 500 steps (measured:
@@ -84,7 +56,7 @@ EQUIVALENCE = textwrap.dedent("""
     import jax, numpy as np
     from dwm_jax import build, sharding
     from dwm_jax.train import step as step_lib
-    from tests.test_training import micro_config
+    from tests.helpers import micro_config
     cfg = micro_config({data_dir!r}, {objective!r}, "dispersion")
     setup = build.make_setup(cfg, steps_per_epoch=2, total_steps=10)
     x = np.asarray(jax.random.normal(jax.random.key(3), (8, 80, 64)))
@@ -112,6 +84,7 @@ EQUIVALENCE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["m2d", "msm_mae"])
 def test_two_steps_on_8_devices_match_one_device(synthetic_small, tmp_path, objective):
     script = EQUIVALENCE.format(repo=REPO, data_dir=synthetic_small[0], objective=objective,
@@ -136,7 +109,7 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     from dwm_jax import data
     from dwm_jax import train as train_lib
-    from tests.test_training import micro_config
+    from tests.helpers import micro_config
     cfg = micro_config({data_dir!r})
     calls = [0]
     original = data.DevicePrefetcher.__next__
@@ -158,6 +131,7 @@ def _child(synthetic_small, workdir, sig, at_call):
                           cwd=REPO)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_exact_and_sigterm_saves(synthetic_small, tmp_path):
     ref = tmp_path / "ref"
     train_lib.train(micro_config(synthetic_small[0]), str(ref), progress=False)
@@ -176,10 +150,10 @@ def test_sigkill_then_resume_is_exact_and_sigterm_saves(synthetic_small, tmp_pat
     logged = [json.loads(line)["step"] for line in open(killed / "metrics.jsonl")]
     assert logged == list(range(1, 13))  # each step once, in order, after the resume
 
-    want, got = _params(ref), _params(killed)
+    want, got = read_params(ref), read_params(killed)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_array_equal(a, b)  # bitwise
-    m_ref, m_got = _metrics(ref), _metrics(killed)
+    m_ref, m_got = read_metrics(ref), read_metrics(killed)
     assert [m_ref[s]["data_crc32"] for s in range(1, 13)] == [
         m_got[s]["data_crc32"] for s in range(1, 13)]  # the same data order
     assert [m_ref[s]["loss"] for s in range(1, 13)] == [m_got[s]["loss"] for s in range(1, 13)]
@@ -189,7 +163,7 @@ def test_sigkill_then_resume_is_exact_and_sigterm_saves(synthetic_small, tmp_pat
     assert res.returncode == 0 and "summary 6 6" in res.stdout, res.stderr[-2000:]
     assert os.path.isdir(termed / "checkpoints" / "6")
     train_lib.train(micro_config(synthetic_small[0]), str(termed), progress=False)
-    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(_params(termed))):
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(read_params(termed))):
         np.testing.assert_array_equal(a, b)
 
     # a first Ctrl-C behaves like SIGTERM: a checkpoint at the step, then a clean stop
@@ -199,6 +173,7 @@ def test_sigkill_then_resume_is_exact_and_sigterm_saves(synthetic_small, tmp_pat
     assert os.path.isdir(interrupted / "checkpoints" / "5")
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_small, tmp_path,
                                                                   monkeypatch):
     calls = [0]
@@ -214,10 +189,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_smal
     with pytest.raises(train_lib.NonFiniteError, match=r"step 6: loss=nan.*last good checkpoint "
                                                      r"is step 4"):
         train_lib.train(micro_config(synthetic_small[0]), str(tmp_path), progress=False)
-    params = _params(str(tmp_path))
+    params = read_params(str(tmp_path))
     assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_non_finite_check_between_log_steps_names_the_first_bad_step(synthetic_small,
                                                                      tmp_path, monkeypatch):
     """Metrics reach the host only at log steps and before saves: a NaN at step 6 with logs
@@ -241,6 +217,7 @@ def test_non_finite_check_between_log_steps_names_the_first_bad_step(synthetic_s
     assert rows[0]["examples_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_a_loader_slower_than_the_step_shows_as_input_wait(synthetic_small, tmp_path,
                                                             monkeypatch):
     """With each batch taking 0.4 s to arrive and a micro step of a few ms, the device idles
@@ -260,6 +237,7 @@ def test_a_loader_slower_than_the_step_shows_as_input_wait(synthetic_small, tmp_
     assert 250 < last["input_wait_ms"] <= last["host_wait_ms"] <= last["step_ms"]
 
 
+@pytest.mark.slow
 def test_resume_with_another_number_of_hosts_is_refused_and_says_what_to_do(synthetic_small,
                                                                            tmp_path):
     """A checkpoint written by 2 processes (its meta says so) is not resumed by 1: the data
@@ -278,6 +256,7 @@ def test_resume_with_another_number_of_hosts_is_refused_and_says_what_to_do(synt
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]  # not moved aside
 
 
+@pytest.mark.slow
 def test_checkpoints_from_before_new_config_fields_still_resume(synthetic_small, tmp_path):
     """A checkpoint whose config predates fields added since (those with a legacy value in
     the config schema) resumes under those values, which behave as runs did before them."""
@@ -300,6 +279,7 @@ def test_checkpoints_from_before_new_config_fields_still_resume(synthetic_small,
     assert not os.path.exists(tmp_path / "config_changes.jsonl")
 
 
+@pytest.mark.slow
 def test_scanned_layers_train_like_per_layer_and_count_every_layer(synthetic_small, tmp_path):
     """config.model.scan_layers: the same losses step by step as the per-layer run, the FLOPs
     of every layer (XLA's cost analysis sees a loop body once), and a resume that flips the
@@ -346,6 +326,7 @@ def test_completion_clock_times_the_end_of_device_work():
         clock.close()
 
 
+@pytest.mark.slow
 def test_profile_trace_and_step_flops(synthetic_small, tmp_path):
     """profile_steps='1:3' leaves a profiler trace in the workdir; every log row carries the
     compiled step's FLOPs; MFU is left out on a CPU (no known peak)."""
@@ -365,6 +346,7 @@ def test_profile_trace_and_step_flops(synthetic_small, tmp_path):
     assert profiling.mfu(1e12, 0.5, jax.devices()[0]) is None
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_fails_clearly(synthetic_small, tmp_path):
     train_lib.train(micro_config(synthetic_small[0], total_steps=4), str(tmp_path),
                   progress=False)
@@ -377,6 +359,7 @@ def test_checkpoint_of_another_model_fails_clearly(synthetic_small, tmp_path):
         train_lib.train(other, str(tmp_path), progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("masker", ["sgim", "inverse_block", "time_freq", "block"])
 def test_the_loop_runs_with_every_strategy(synthetic_small, tmp_path, masker):
     """Two logged steps of the full loop (masking-time logging included) per strategy."""
@@ -395,6 +378,7 @@ def test_impossible_configs_name_the_field(synthetic_small, tmp_path):
                       str(tmp_path))
 
 
+@pytest.mark.slow
 def test_train_cli_end_to_end_with_probe(synthetic_small, tmp_path):
     workdir = tmp_path / "w"
     cmd = [sys.executable, "train.py", "--config=configs/demo.py:random",
@@ -429,6 +413,7 @@ def _tiny_folder_dataset(root, data_dir, seed):
         "tiny", audio_dir=str(clips)))
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_run_and_records_accepted_changes(synthetic_small, tmp_path):
     """A resumed run with another masker, ratio, batch or dataset would silently become
     another run: refused, naming the field. Logging and checkpoint cadence may change: the
@@ -466,37 +451,7 @@ def test_resume_refuses_another_run_and_records_accepted_changes(synthetic_small
     assert train_lib.train(micro_config(moved, **kw), run, progress=False)["start_step"] == 2
 
 
-def _state_data_files(step_dir):
-    return [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state"))
-            for f in fs if "/d/" in os.path.join(d, f) + "/"]
-
-
-def _flip_middle_bytes(path):
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        chunk = f.read(64)
-        f.seek(os.path.getsize(path) // 2)
-        f.write(bytes(b ^ 0x5A for b in chunk))
-
-
-def _damage_largest_state_file(step_dir):
-    path = max(_state_data_files(step_dir), key=os.path.getsize)
-    _flip_middle_bytes(path)
-    return path
-
-
-def _damage_state_files(step_dir, every=16384):
-    """Flips 64 bytes every ``every`` bytes of every data file of the state (so every array
-    larger than that is hit, whichever file holds it)."""
-    for path in _state_data_files(step_dir):
-        with open(path, "r+b") as f:
-            for offset in range(every // 2, os.path.getsize(path), every):
-                f.seek(offset)
-                chunk = f.read(64)
-                f.seek(offset)
-                f.write(bytes(b ^ 0x5A for b in chunk))
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["bytes", "missing_file", "silent_value_change"])
 def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(synthetic_small, tmp_path,
                                                                    damage):
@@ -509,7 +464,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(synthetic_sma
     shutil.copytree(ref, hurt)
     step8 = hurt / "checkpoints" / "8"
     if damage == "bytes":
-        _damage_largest_state_file(str(step8))
+        damage_largest_state_file(str(step8))
     elif damage == "missing_file":
         os.remove(os.path.join(step8, "meta", "metadata"))
     else:  # values that read back fine but are not what was saved: only the fingerprint knows
@@ -522,18 +477,20 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(synthetic_sma
     summary = train_lib.train(cfg(), str(hurt), progress=False)
     assert summary["start_step"] == 4 and summary["final_step"] == 8
     assert os.path.isdir(hurt / "checkpoints" / "8.damaged")
-    for a, b in zip(jax.tree.leaves(_params(str(ref))), jax.tree.leaves(_params(str(hurt)))):
+    for a, b in zip(jax.tree.leaves(read_params(str(ref))), jax.tree.leaves(read_params(str(hurt)))):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_all_checkpoints_damaged_is_a_clear_error(synthetic_small, tmp_path):
     cfg = micro_config(synthetic_small[0], total_steps=4)
     train_lib.train(cfg, str(tmp_path), progress=False)
-    _damage_largest_state_file(str(tmp_path / "checkpoints" / "4"))
+    damage_largest_state_file(str(tmp_path / "checkpoints" / "4"))
     with pytest.raises(checkpointing.CheckpointDamagedError, match="no intact checkpoint"):
         train_lib.train(cfg, str(tmp_path), progress=False)
 
 
+@pytest.mark.slow
 def test_full_disk_stops_the_run_at_the_failed_save(synthetic_small, tmp_path):
     """A 3 MiB filesystem holds one micro checkpoint, not two: the run stops with one error
     naming the failure (of the save, or of the metrics when they meet the full disk first),
@@ -556,7 +513,7 @@ def test_full_disk_stops_the_run_at_the_failed_save(synthetic_small, tmp_path):
         assert ckpt.latest_step() == 4
         ckpt.close()
         weights.load_encoder(workdir)  # restores, fingerprint checked
-        metrics = _metrics(workdir)
+        metrics = read_metrics(workdir)
         assert max(metrics) < 12  # it stopped, it did not train on to the end
     finally:
         subprocess.run(["umount", "-l", str(mnt)])

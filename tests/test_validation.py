@@ -11,7 +11,7 @@ from dwm_jax import train as train_lib
 
 from configs import demo, m2d, msm_mae, transfer, transfer_long
 from dwm_jax import masking
-from tests.test_training import micro_config
+from tests.helpers import micro_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
