@@ -25,7 +25,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from dwm_jax import masking, objectives, profiling
+from dwm_jax import build, masking, objectives, profiling
 from dwm_jax.models import vit
 
 
@@ -205,7 +205,7 @@ FIELDS: tuple[Field, ...] = (
     F("model.patch_size", (16, 16), _pair, "(frequency, time) size of one patch"),
     F("model.decoder", _decoder, _free,
       "decoder / predictor sizes (dim, depth, heads, mlp_ratio); default: the objective's"),
-    F("model.compute_dtype", "float32", _one_of(lambda: ("float32", "bfloat16")),
+    F("model.compute_dtype", "float32", _one_of(lambda: tuple(build.DTYPES)),
       "parameters stay float32; 'bfloat16' computes in bf16"),
     F("model.attention", "xla", _one_of(lambda: vit.ATTENTION),
       "jax.nn.dot_product_attention implementation: 'xla' or 'cudnn' (GPU, bf16)",
@@ -287,6 +287,16 @@ def base(objective: str = "m2d", masker: str = "dispersion") -> ml_collections.C
     for f in FIELDS:
         _set(tree, f.path, f.default_for(objective, masker))
     return ml_collections.ConfigDict(tree)
+
+
+def override(cfg, path: str, value):
+    """Sets the field ``path`` ('a.b.c') of ``cfg`` (a ConfigDict); returns ``cfg``."""
+    *parents, last = path.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    return cfg
 
 
 def flatten(node, prefix: str = "") -> dict[str, Any]:

@@ -23,12 +23,8 @@ def micro_config(data_dir, objective="m2d", masker="dispersion", **overrides):
     c.log_every = 1
     c.log_data_fingerprint = True
     c.ckpt_every = 4
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    for path, value in overrides.items():
+        config_lib.override(c, path, value)
     return c
 
 

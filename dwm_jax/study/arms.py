@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from dwm_jax import config as config_lib
 from dwm_jax import masking
 
 
@@ -36,9 +37,5 @@ DEFAULT_ARMS = ("random", "inverse_block", "dispersion", "dispersion_h0", "sgim"
 def apply_arm(cfg, arm: Arm):
     """``cfg`` (a recipe's config for ``arm.masker``) with the arm's overrides set."""
     for path, value in arm.overrides:
-        *parents, last = path.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[last] = value
+        config_lib.override(cfg, path, value)
     return cfg
