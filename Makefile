@@ -6,7 +6,6 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
-comma := ,
 
 .PHONY: demo figures test test-all bench data-parallel suite suite-data corpus transfer study study-long \
 	transfer-seeds clean-venv
@@ -78,11 +77,10 @@ $(CORPUS_DATA): | $(STAMP) $(DEBS_STAMP)
 
 # the transfer recipe (configs/transfer.py) pretrained on the corpus, its learning curve on
 # the suite (every checkpoint), then eval.py's table of its last checkpoint
-SUITE_TASKS := $(subst $(eval) ,$(comma),$(foreach t,events words speakers languages instruments pitch,audio_folder/suite_$(t)))
 transfer: $(SUITE_DATA) $(CORPUS_DATA)
 	$(PY) train.py --config=configs/transfer.py --workdir=workdirs/transfer
 	$(PY) -m dwm_jax.study.curve --workdir=workdirs/transfer --tasks=suite
-	$(PY) eval.py --workdir=workdirs/transfer --tasks=$(SUITE_TASKS) --data_dir=data
+	$(PY) eval.py --workdir=workdirs/transfer --tasks=suite --data_dir=data
 
 # the masking study on the transfer recipe: 5 strategies x SEEDS pretrained on the corpus and
 # probed on the suite; resumes where it stopped (finished runs are kept in results.json)

@@ -29,7 +29,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's directory", required=True)
-_TASKS = flags.DEFINE_list("tasks", ["synthetic_sounds"], "comma-separated tasks")
+_TASKS = flags.DEFINE_list("tasks", ["synthetic_sounds"], "comma-separated tasks; 'suite' "
+                           "stands for the six tasks of the offline suite (make suite)")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "where datasets are (default: the run's)")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
 _NO_CACHE = flags.DEFINE_bool("no_cache", False, "recompute embeddings")
@@ -83,6 +84,7 @@ def main(argv):
     from dwm_jax import checkpointing, probe
     from dwm_jax.embedding import Embedder
     from dwm_jax.errors import NonFiniteError
+    from dwm_jax.suite import tasks as suite_tasks
 
     checkpointing.quiet_background_echoes()
 
@@ -106,6 +108,7 @@ def main(argv):
     finally:
         ckpt.close()
     data_dir = _DATA_DIR.value or meta["config"]["data"]["data_dir"]
+    tasks = suite_tasks.task_specs(",".join(_TASKS.value))
     out_dir = os.path.join(workdir, "eval")
     results = _earlier_results(os.path.join(out_dir, "results.json"), step)
     if _MODE.value in ("linear", "both"):
@@ -117,7 +120,7 @@ def main(argv):
             "random_init": random_init.featuriser("random_init", _POOL.value),
             "raw_logmel": (probe.raw_features, "raw_logmel"),
         }
-        for spec in _TASKS.value:
+        for spec in tasks:
             try:
                 r = probe.evaluate_task(spec, data_dir, featurisers, cache_dir=cache)
             except (probe.ProbeError, FileNotFoundError, ValueError) as e:
@@ -126,7 +129,7 @@ def main(argv):
             results[r["task"]] = {**results.get(r["task"], {}), **r, "pool": _POOL.value}
     if _MODE.value in ("finetune", "both"):
         from dwm_jax import finetune
-        for spec in _TASKS.value:
+        for spec in tasks:
             try:
                 ft = finetune.finetune_task(spec, data_dir, workdir, step, _FINETUNE.value,
                                             out_dir=os.path.join(out_dir, "finetune"),

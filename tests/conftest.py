@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 
@@ -11,6 +12,25 @@ settings.register_profile(
 settings.register_profile("thorough", max_examples=200, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def _micro_run(synthetic_small, tmp_path_factory):
+    """A micro MSM-MAE run of 4 steps (random masks), trained once per test process."""
+    from dwm_jax import train
+    from tests.helpers import micro_config
+    workdir = str(tmp_path_factory.mktemp("micro_run"))
+    train.train(micro_config(synthetic_small[0], "msm_mae", "random", total_steps=4), workdir,
+                progress=False)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def trained_run(_micro_run, tmp_path_factory):
+    """A copy of the session's micro run for this module (its evaluations write into it)."""
+    workdir = str(tmp_path_factory.mktemp("run") / "run")
+    shutil.copytree(_micro_run, workdir)
+    return workdir
 
 
 @pytest.fixture(scope="session")

@@ -113,15 +113,6 @@ def test_waveform_embedding_matches_the_log_mel_path(embedder):
                                embedder.clip_embedding(embedder.frontend(resampled)), atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def trained_run(synthetic_small, tmp_path_factory):
-    from tests.helpers import micro_config
-    workdir = str(tmp_path_factory.mktemp("run"))
-    train_lib.train(micro_config(synthetic_small[0], "msm_mae", "random", total_steps=4),
-                  workdir, progress=False)
-    return workdir
-
-
 @pytest.mark.slow
 def test_eval_cli_writes_results_with_both_baselines(synthetic_small, trained_run):
     res = subprocess.run([sys.executable, "eval.py", f"--workdir={trained_run}",

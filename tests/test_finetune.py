@@ -16,21 +16,11 @@ from flax import nnx
 from dwm_jax import finetune, probe
 from dwm_jax.embedding import Embedder
 from dwm_jax.models import vit
-from dwm_jax import train as train_lib
 
 pytestmark = pytest.mark.slow  # subprocesses, builds or training runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = "synthetic_sounds/small"
-
-
-@pytest.fixture(scope="module")
-def pretrained_run(synthetic_small, tmp_path_factory):
-    from tests.helpers import micro_config
-    workdir = str(tmp_path_factory.mktemp("run"))
-    train_lib.train(micro_config(synthetic_small[0], "msm_mae", "random", total_steps=4),
-                  workdir, progress=False)
-    return workdir
 
 
 def _config(**overrides):
@@ -41,13 +31,13 @@ def _config(**overrides):
 
 
 def test_finetuning_beats_the_linear_probe_of_the_same_encoder(synthetic_small,
-                                                              pretrained_run, tmp_path):
+                                                              trained_run, tmp_path):
     """On synthetic_sounds/small (12 classes, 8 training clips each), the micro encoder's
     linear probe reaches 0.15 test accuracy; fine-tuning it (40 epochs) reaches 0.25."""
     data_dir = synthetic_small[0]
-    emb = Embedder.from_workdir(pretrained_run)
+    emb = Embedder.from_workdir(trained_run)
     linear = probe.evaluate_task(TASK, data_dir, {"encoder": (emb.clip_embedding, None)})
-    tuned = finetune.finetune_task(TASK, data_dir, pretrained_run, 4, _config(),
+    tuned = finetune.finetune_task(TASK, data_dir, trained_run, 4, _config(),
                                    out_dir=str(tmp_path), log=lambda _: None)
     assert tuned["test_accuracy"] >= linear["encoder"]["test_accuracy"] + 0.06, (
         tuned["test_accuracy"], linear["encoder"]["test_accuracy"])
@@ -55,13 +45,13 @@ def test_finetuning_beats_the_linear_probe_of_the_same_encoder(synthetic_small,
     assert 1 <= tuned["best_epochs"][0] <= 40
 
 
-def test_a_crashed_finetuning_resumes_where_it_stopped(synthetic_small, pretrained_run,
+def test_a_crashed_finetuning_resumes_where_it_stopped(synthetic_small, trained_run,
                                                        tmp_path, monkeypatch):
     """Stopped by an error after epoch 3 and run again, it resumes from the epoch-3
     checkpoint and ends with the uninterrupted run's history and test score, exactly; a
     rerun with another recipe in the same place is refused, naming the difference."""
     data_dir, cfg = synthetic_small[0], _config(epochs=6, patience=6, mixup=0.3)
-    whole = finetune.finetune_task(TASK, data_dir, pretrained_run, 4, cfg,
+    whole = finetune.finetune_task(TASK, data_dir, trained_run, 4, cfg,
                                    out_dir=str(tmp_path / "whole"), log=lambda _: None)
     original, calls = finetune._score, []
 
@@ -73,18 +63,18 @@ def test_a_crashed_finetuning_resumes_where_it_stopped(synthetic_small, pretrain
 
     monkeypatch.setattr(finetune, "_score", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
-        finetune.finetune_task(TASK, data_dir, pretrained_run, 4, cfg,
+        finetune.finetune_task(TASK, data_dir, trained_run, 4, cfg,
                                out_dir=str(tmp_path / "cut"), log=lambda _: None)
     monkeypatch.setattr(finetune, "_score", original)
     run_dir = tmp_path / "cut" / TASK.replace("/", "_") / "checkpoints"
     assert sorted(os.listdir(run_dir)) == ["3"]
-    resumed = finetune.finetune_task(TASK, data_dir, pretrained_run, 4, cfg,
+    resumed = finetune.finetune_task(TASK, data_dir, trained_run, 4, cfg,
                                      out_dir=str(tmp_path / "cut"), log=lambda _: None)
     assert resumed["test_score"] == whole["test_score"]
     assert resumed["histories"] == whole["histories"]
     assert len(whole["histories"][0]) == 6
     with pytest.raises(Exception, match="other config"):
-        finetune.finetune_task(TASK, data_dir, pretrained_run, 4, _config(epochs=7),
+        finetune.finetune_task(TASK, data_dir, trained_run, 4, _config(epochs=7),
                                out_dir=str(tmp_path / "cut"), log=lambda _: None)
 
 
@@ -117,8 +107,8 @@ def test_augmentation_masks_bands_and_mixes_targets():
     assert (rows.any(1) | cols.any(1)).any()
 
 
-def test_eval_cli_tables_probe_and_finetuning_side_by_side(synthetic_small, pretrained_run):
-    base = [sys.executable, "eval.py", f"--workdir={pretrained_run}", f"--tasks={TASK}",
+def test_eval_cli_tables_probe_and_finetuning_side_by_side(synthetic_small, trained_run):
+    base = [sys.executable, "eval.py", f"--workdir={trained_run}", f"--tasks={TASK}",
             f"--data_dir={synthetic_small[0]}"]
     res = subprocess.run(base + ["--mode=finetune", "--finetune.epochs=2",
                                  "--finetune.batch_size=16"],
@@ -132,7 +122,7 @@ def test_eval_cli_tables_probe_and_finetuning_side_by_side(synthetic_small, pret
     row = next(line for line in res.stdout.splitlines() if line.startswith(f"| {TASK}"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert float(cells[4]) >= 0 and float(cells[5]) >= 0   # both, side by side
-    out = json.load(open(os.path.join(pretrained_run, "eval", "results.json")))
+    out = json.load(open(os.path.join(trained_run, "eval", "results.json")))
     task = out["tasks"][0]
     assert {"encoder", "finetune", "random_init", "raw_logmel"} <= set(task)
     assert task["finetune"]["epochs"] == [2]
