@@ -120,6 +120,28 @@ def convert(path: str, workdir: str, *, num_heads=None, decoder_num_heads=None,
     del raw
     sizes = infer_sizes(state_dict, path=path, args=args, num_heads=num_heads,
                         decoder_num_heads=decoder_num_heads, input_shape=input_shape)
+    _check_grid(state_dict, sizes)
+    stats, stats_from = _norm_stats(state_dict, sizes, norm_stats, notes)
+    cfg = converted_config(sizes)
+    state = _converted_state(state_dict, sizes, cfg, notes)
+    check_diff = _check_encoder(state_dict, state, sizes, cfg) if check else None
+    report = dict(
+        file=os.path.abspath(path), sha256=sha256, options=options,
+        objective=sizes.objective, size=sizes.size, patch_size=list(sizes.patch_size),
+        input_shape=list(sizes.input_shape), decoder=sizes.decoder, mask_ratio=sizes.mask_ratio,
+        sources=sizes.sources, norm_stats=list(stats), norm_stats_from=stats_from,
+        args={k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))},
+        notes=notes, check_max_relative_diff=check_diff,
+        parameters=int(sum(np.size(v) for v in jax.tree.leaves(state))))
+    _write_workdir(workdir, state, cfg, stats, report)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    with open(os.path.join(workdir, "conversion.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+def _check_grid(state_dict, sizes: Sizes):
+    """The checkpoint's fixed positions against ours for the inferred input size."""
     grid = tuple(n // p for n, p in zip(sizes.input_shape, sizes.patch_size))
     try:
         check_positions(state_dict, grid)
@@ -127,8 +149,11 @@ def convert(path: str, workdir: str, *, num_heads=None, decoder_num_heads=None,
         raise ConversionError(f"{e} (input {sizes.input_shape[0]}x{sizes.input_shape[1]}, "
                               f"from {sizes.sources['input_shape']})") from None
 
-    if norm_stats is not None:
-        stats, stats_from = tuple(map(float, norm_stats)), "--norm_stats"
+
+def _norm_stats(state_dict, sizes: Sizes, given, notes: list) -> tuple[tuple, str]:
+    """(mean, std) and where they came from: the flag, the checkpoint or their fallback."""
+    if given is not None:
+        stats, stats_from = tuple(map(float, given)), "--norm_stats"
     elif "norm_stats" in state_dict:
         stats = tuple(float(v) for v in np.asarray(state_dict["norm_stats"]).ravel()[:2])
         stats_from = "the checkpoint's norm_stats"
@@ -142,7 +167,12 @@ def convert(path: str, workdir: str, *, num_heads=None, decoder_num_heads=None,
     if not (np.isfinite(stats).all() and stats[1] > 0):
         raise ConversionError(f"normalisation statistics {stats} ({stats_from}) are not a "
                               "finite mean and a positive std")
+    return stats, stats_from
 
+
+def _converted_state(state_dict, sizes: Sizes, cfg, notes: list) -> dict:
+    """``{'params', 'target'}`` on the device, checked against the config's shapes. Leaves in
+    ``state_dict`` only the encoder's tensors (what the float64 check needs)."""
     if sizes.objective == "encoder" and "mask_token" in state_dict:
         del state_dict["mask_token"]  # an encoder-only file may keep it; the encoder has none
         notes.append("skipped mask_token (no decoder to use it)")
@@ -151,8 +181,7 @@ def convert(path: str, workdir: str, *, num_heads=None, decoder_num_heads=None,
     except ValueError as e:
         raise ConversionError(str(e)) from None
     for name in [n for n in state_dict if n.startswith(("decoder", "target", "mask_token"))]:
-        del state_dict[name]  # converted; the float64 check needs only the encoder's
-    cfg = converted_config(sizes)
+        del state_dict[name]
     abstract = build.abstract_weights(cfg)
     # as device arrays once (Orbax and the fingerprint would each copy NumPy leaves)
     state = jax.device_put(dict(params=trees.pop("params"),
@@ -160,33 +189,31 @@ def convert(path: str, workdir: str, *, num_heads=None, decoder_num_heads=None,
     want = dict(params={k: v for k, v in abstract["params"].items() if k in state["params"]},
                 target=abstract["target"] if state["target"] else {})
     diffs = checkpointing.signature_differences(checkpointing.tree_signature(state),
-                                       checkpointing.tree_signature(want))
+                                                checkpointing.tree_signature(want))
     if diffs:
         raise ConversionError(f"the converted arrays do not fit a {sizes.size} model: "
                               f"{'; '.join(diffs)}")
+    return state
 
-    check_diff = None
-    if check:  # our encoder against a float64 NumPy forward of their tensors
-        x = np.random.default_rng(0).standard_normal((1, *sizes.input_shape), np.float32)
-        theirs = numpy_forward(state_dict, x, sizes.heads)
-        encoder = build.abstract_objective(cfg).encoder
-        graphdef, _ = nnx.split(encoder, nnx.Param)
-        ours = np.asarray(nnx.merge(graphdef, state["params"]["encoder"])(x), np.float64)
-        check_diff = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
-        if check_diff > 1e-4:
-            raise ConversionError(
-                f"our encoder differs from a float64 forward of the checkpoint by "
-                f"{check_diff:.2e} (relative): are --num_heads ({sizes.heads}, from "
-                f"{sizes.sources['heads']}) and the layout right?")
 
-    report = dict(
-        file=os.path.abspath(path), sha256=sha256, options=options,
-        objective=sizes.objective, size=sizes.size, patch_size=list(sizes.patch_size),
-        input_shape=list(sizes.input_shape), decoder=sizes.decoder, mask_ratio=sizes.mask_ratio,
-        sources=sizes.sources, norm_stats=list(stats), norm_stats_from=stats_from,
-        args={k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))},
-        notes=notes, check_max_relative_diff=check_diff,
-        parameters=int(sum(np.size(v) for v in jax.tree.leaves(state))))
+def _check_encoder(state_dict, state: dict, sizes: Sizes, cfg) -> float:
+    """Our encoder against a float64 NumPy forward of their tensors -> the largest relative
+    difference; ConversionError above 1e-4."""
+    x = np.random.default_rng(0).standard_normal((1, *sizes.input_shape), np.float32)
+    theirs = numpy_forward(state_dict, x, sizes.heads)
+    graphdef, _ = nnx.split(build.abstract_objective(cfg).encoder, nnx.Param)
+    ours = np.asarray(nnx.merge(graphdef, state["params"]["encoder"])(x), np.float64)
+    diff = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
+    if diff > 1e-4:
+        raise ConversionError(
+            f"our encoder differs from a float64 forward of the checkpoint by "
+            f"{diff:.2e} (relative): are --num_heads ({sizes.heads}, from "
+            f"{sizes.sources['heads']}) and the layout right?")
+    return diff
+
+
+def _write_workdir(workdir: str, state: dict, cfg, stats, report: dict):
+    """The converted weights as a workdir's step-0 checkpoint, and its config.json."""
     meta = dict(config=config_lib.to_json_dict(cfg),
                 norm_stats=dict(mean=stats[0], std=stats[1]),
                 signature=checkpointing.tree_signature(state),
@@ -199,12 +226,8 @@ def convert(path: str, workdir: str, *, num_heads=None, decoder_num_heads=None,
         ckpt.wait()
     finally:
         ckpt.close()
-    report["seconds"] = round(time.perf_counter() - t0, 2)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(meta["config"], f, indent=1)
-    with open(os.path.join(workdir, "conversion.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    return report
 
 
 def _norm_stats_flag(text: str):
