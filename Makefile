@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo figures test test-all bench data-parallel suite suite-data corpus transfer study study-long \
+.PHONY: demo figures test test-all docs bench data-parallel suite suite-data corpus transfer study study-long \
 	transfer-seeds clean-venv
 
 $(STAMP): setup.cfg pyproject.toml
@@ -53,7 +53,7 @@ $(DEBS_STAMP): $(STAMP)
 test: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP)
+test-all: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP) $(DOCS_STAMP)
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 # the cross-domain evaluation suite (dwm_jax.suite.py): audio under suite/, datasets
@@ -107,6 +107,15 @@ WORKERS ?= 2
 data-parallel: $(BEAM_STAMP)
 	$(PY) -m dwm_jax.data audio_folder --name $(NAME) --audio_dir $(AUDIO_DIR) \
 	    --data_dir data --workers $(WORKERS)
+
+# the documentation site: docs/_build/html (warnings are errors)
+DOCS_STAMP := $(VENV)/.docs
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(PY) -m sphinx -W --keep-going -E -b html docs docs/_build/html
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.masking

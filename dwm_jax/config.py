@@ -137,11 +137,15 @@ _NO_LEGACY = object()
 class Field:
     """One config field.
 
-    default: its value, or a function ``(objective, masker) -> value`` for the fields whose
-      default depends on them.
-    resumable: a resumed run may change it (how a run is observed, saved and placed, not
-      what it computes); any other change is refused.
-    legacy: the value a checkpoint written before the field existed behaves as.
+    Attributes:
+        path: the dotted name, e.g. ``optim.base_lr``.
+        default: its value, or a function ``(objective, masker) -> value`` for the fields
+            whose default depends on them.
+        rule: ``rule(value) -> None`` when the value can work, else what is wrong.
+        doc: one line for the configuration reference.
+        resumable: a resumed run may change it (how a run is observed, saved and placed,
+            not what it computes); any other change is refused.
+        legacy: the value a checkpoint written before the field existed behaves as.
     """
 
     path: str

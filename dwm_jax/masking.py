@@ -133,11 +133,12 @@ def patch_dispersion(x: jax.Array, patch_size: tuple[int, int], metric: str = "m
                      granularity: str = "patch") -> jax.Array:
     """Per-patch dispersion of ``x [B, F, T]`` in float32 -> [B, N] (frequency-major).
 
-    metric "mad":      mean absolute deviation from the patch mean (the paper's default).
-    metric "variance": population variance of the patch values.
-    granularity "patch":     over the ph x pw values of each patch.
-    granularity "frequency": per mel bin over all T frames, averaged over the ph bins of a
-                             patch row and broadcast to that row's Tp patches.
+    - metric ``"mad"``: mean absolute deviation from the patch mean (the paper's default);
+      ``"variance"``: population variance of the patch values.
+    - granularity ``"patch"``: over the ph x pw values of each patch; ``"frequency"``: per
+      mel bin over all T frames, averaged over the ph bins of a patch row and broadcast to
+      that row's Tp patches.
+
     Non-finite dispersions (NaN input) become 0, so the sampler falls back to uniform.
     """
     b, f, t = x.shape
@@ -401,13 +402,15 @@ def _topped_up(key, prior_masked: jax.Array, spec: _Spec) -> jax.Array:
 class MaskerEntry:
     """A registered strategy.
 
-    factory: ``factory((grid, num_keep, mask_ratio), **options) -> (visible_fn, resolved)``
-      where ``visible_fn(spec, key, x, features) -> bool [B, N]`` has exactly K True per row
-      and ``resolved`` is the dict of options it used.
-    defaults: the options a config spells out, with their default values.
-    takes_hints: whether the strategy is meant to run under the hint schedule (the informed
-      maskers); configs give it the schedule by default.
-    needs_features: whether a call needs patch ``features [B, N, D]`` (SGIM).
+    Attributes:
+        name: the strategy's name in configs and ``make_masker``.
+        factory: ``factory((grid, num_keep, mask_ratio), **options) -> (visible_fn,
+            resolved)`` where ``visible_fn(spec, key, x, features) -> bool [B, N]`` has
+            exactly K True per row and ``resolved`` is the dict of options it used.
+        defaults: the options a config spells out, with their default values.
+        takes_hints: whether the strategy is meant to run under the hint schedule (the
+            informed maskers); configs give it the schedule by default.
+        needs_features: whether a call needs patch ``features [B, N, D]`` (SGIM).
     """
 
     name: str

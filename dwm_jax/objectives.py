@@ -29,10 +29,13 @@ OBJECTIVES: dict[str, type] = {}
 def register_objective(name: str, *, decoder: dict, head: str, mask_ratio: float):
     """Class decorator declaring an objective under ``name``, once.
 
-    decoder: the default sizes of its decoder / predictor (``dim``, ``depth``, ``heads``),
-      what a config's ``model.decoder`` starts from.
-    head: the attribute holding that decoder ('decoder' or 'predictor').
-    mask_ratio: the paper's mask ratio for it, a config's default.
+    Args:
+        name: the objective's name in configs.
+        decoder: the default sizes of its decoder / predictor (``dim``, ``depth``,
+            ``heads``), what a config's ``model.decoder`` starts from.
+        head: the attribute holding that decoder ('decoder' or 'predictor').
+        mask_ratio: the paper's mask ratio for it, a config's default.
+
     The class takes the model keywords (size, input_shape, patch_size, decoder, dtype,
     attention, remat, scan, rngs) plus what its ``config_kwargs(objective_config)`` returns,
     and has ``uses_target`` (whether the train state carries an EMA target).

@@ -56,7 +56,7 @@ def _blocks(names, theirs: str, ours: tuple):
 
 
 def table(names, objective: str) -> Iterator[tuple[str, tuple, str]]:
-    """(their name, (tree, *our path), transform) for every parameter of ``objective``.
+    """``(their name, (tree, *our path), transform)`` for every parameter of ``objective``.
 
     ``tree`` is 'params' or 'target'; transform is 'linear' (transpose), 'conv' (to a
     [ph * pw, D] kernel) or '' (as is). ``names``: the checkpoint's keys, which fix depths.

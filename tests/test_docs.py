@@ -4,6 +4,8 @@ exist, and no internal issue number or fix date is left in the docs."""
 
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -49,3 +51,15 @@ def test_no_internal_issue_numbers_or_fix_dates_in_the_docs():
     for path in _docs_files():
         text = open(os.path.join(REPO, path)).read()
         assert not re.search(r"[Ii]ssues? #?\d|\(#\d+\)|20\d\d-\d\d-\d\d", text), path
+
+
+@pytest.mark.slow
+def test_the_documentation_site_builds_without_a_warning(tmp_path):
+    pytest.importorskip("myst_parser", reason="pip install '.[docs]' (make test-all does)")
+    res = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-E", "-q",
+                          "-b", "html", os.path.join(REPO, "docs"), str(tmp_path / "html")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    api = (tmp_path / "html" / "reference" / "api.html").read_text()
+    assert "make_masker" in api and "register_masker" in api
+    assert "optim.base_lr" in (tmp_path / "html" / "reference" / "config.html").read_text()
