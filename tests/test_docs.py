@@ -1,4 +1,4 @@
-"""The documentation cannot rot: every Python snippet of the README and the masking guide
+"""The documentation cannot rot: every Python snippet of the README and the guides
 runs, the README stays a front door (at most 300 lines), its links point at files that
 exist, and no internal issue number or fix date is left in the docs."""
 
@@ -24,6 +24,23 @@ def test_every_python_snippet_runs(path):
     assert blocks
     for block in blocks:
         exec(compile(block, path, "exec"), {})
+
+
+@pytest.mark.slow
+def test_the_data_and_embedding_snippets_run(synthetic_small, trained_run, tmp_path,
+                                             monkeypatch):
+    """The guides' snippets that need built data and a trained workdir, run where ``data``
+    holds synthetic_sounds (the small build, under the name they use) and
+    ``workdirs/demo`` is a trained run."""
+    (tmp_path / "data" / "synthetic_sounds").mkdir(parents=True)
+    os.symlink(os.path.join(synthetic_small[0], "synthetic_sounds", "small"),
+               tmp_path / "data" / "synthetic_sounds" / "default")
+    (tmp_path / "workdirs").mkdir()
+    os.symlink(trained_run, tmp_path / "workdirs" / "demo")
+    monkeypatch.chdir(tmp_path)
+    for path in ("docs/guides/datasets.md", "docs/guides/evaluation.md"):
+        for block in snippets(path):
+            exec(compile(block, path, "exec"), {})
 
 
 def test_readme_is_a_front_door():
