@@ -15,6 +15,7 @@ the builder config and any skipped files. Reading needs no TensorFlow (see pipel
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -28,7 +29,7 @@ import tempfile
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dwm_jax import audio
+from dwm_jax import audio, locks
 from dwm_jax.data import layouts, parallel, synthetic
 from dwm_jax.data.examples import BuildError, Row, SplitStats, check_skipped, clip_example
 
@@ -558,6 +559,23 @@ def build(builder: str, data_dir: str, *, config: str | tfds.core.BuilderConfig 
                              "(audio_folder needs a config made by audio_folder_config)")
         config = known[config]
     ds_builder = cls(data_dir=data_dir, config=config, file_format="array_record")
+    with _build_lock(data_dir, builder, config.name):
+        return _build_locked(builder, ds_builder, data_dir, config, overwrite, parallel)
+
+
+def _build_lock(data_dir: str, builder: str, name: str):
+    """One build of a dataset at a time (a second one would remove the first's unfinished
+    files as left by a killed build). Local data_dirs only: a cloud bucket has no locks."""
+    if "://" in data_dir:
+        return contextlib.nullcontext()
+    path = os.path.join(data_dir, ".locks", f"{builder}-{name}.lock")
+    return locks.exclusive(path, f"a build of {builder}/{name}", f"{builder}/{name} in {data_dir}")
+
+
+def _build_locked(builder: str, ds_builder, data_dir: str, config, overwrite: bool,
+                  parallel: dict):
+    """build() once the lock is held: reuse, check the stored settings, or (re)build."""
+    cls = BUILDERS[builder]
     _remove_unfinished(os.path.dirname(ds_builder.data_dir))
     meta_path = os.path.join(ds_builder.data_dir, "metadata.json")
     if os.path.exists(meta_path) and not overwrite:

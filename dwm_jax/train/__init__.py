@@ -14,7 +14,7 @@ from dwm_jax._extras import require
 
 require("train", "flax", "optax", "orbax", "ml_collections", "tensorboardX", "tqdm")
 
-from dwm_jax import checkpointing  # noqa: E402
+from dwm_jax import checkpointing, locks  # noqa: E402
 from dwm_jax.config import ConfigError  # noqa: E402
 from dwm_jax.errors import NonFiniteError  # noqa: E402
 from dwm_jax.train.loop import train  # noqa: E402
@@ -24,6 +24,6 @@ from dwm_jax.train.run_io import MetricsWriteError  # noqa: E402
 # checkpoint, a full disk, a missing file): entry points print them as one line, exit 2.
 USER_ERRORS = (ConfigError, checkpointing.CheckpointMismatchError,
                checkpointing.CheckpointDamagedError, checkpointing.CheckpointSaveError,
-               MetricsWriteError, FileNotFoundError)
+               MetricsWriteError, locks.LockedError, FileNotFoundError)
 
 __all__ = ["train", "NonFiniteError", "USER_ERRORS"]

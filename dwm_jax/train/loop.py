@@ -13,9 +13,11 @@ interval), ``input_wait_ms`` (time per step the device idled for want of input, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import sys
 import time
 import zlib
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from dwm_jax import build, checkpointing, profiling, sharding
+from dwm_jax import build, checkpointing, locks, profiling, sharding
 from dwm_jax import config as config_lib
 from dwm_jax import data as data_lib
 from dwm_jax.errors import NonFiniteError
@@ -44,6 +46,31 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
     config_lib.check(cfg)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise config_lib.ConfigError(f"--workdir {workdir} is a file, not a directory")
+    with _workdir_lock(workdir):
+        return _train(cfg, workdir, progress)
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str):
+    """The run's exclusive hold on ``workdir`` (process 0 holds it for every host); a
+    workdir this call created and nothing was written to is removed again."""
+    if jax.process_index() != 0:
+        yield
+        return
+    created = not os.path.exists(workdir)
+    try:
+        with locks.exclusive(os.path.join(workdir, LOCK_FILE), "a training run", workdir):
+            yield
+    finally:
+        if created and os.path.isdir(workdir) and set(os.listdir(workdir)) <= {LOCK_FILE}:
+            shutil.rmtree(workdir)
+
+
+def _train(cfg, workdir: str, progress: bool) -> dict:
+    """The run itself, in a workdir this process may write."""
     mesh, local_batch = _mesh(cfg)
     split = _open_data(cfg)
     stats = split.norm_stats()
