@@ -118,6 +118,7 @@ def convert(path: str, workdir: str, *, num_heads=None, decoder_num_heads=None,
     raw, args = read_checkpoint(path)
     state_dict, notes = strip_prefixes(raw)
     del raw
+    _check_finite(state_dict)
     sizes = infer_sizes(state_dict, path=path, args=args, num_heads=num_heads,
                         decoder_num_heads=decoder_num_heads, input_shape=input_shape)
     _check_grid(state_dict, sizes)
@@ -138,6 +139,14 @@ def convert(path: str, workdir: str, *, num_heads=None, decoder_num_heads=None,
     with open(os.path.join(workdir, "conversion.json"), "w") as f:
         json.dump(report, f, indent=1)
     return report
+
+
+def _check_finite(state_dict):
+    """Every floating tensor finite: a NaN or inf in a weight is named, not converted."""
+    for name, value in state_dict.items():
+        value = np.asarray(value)
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise ConversionError(f"tensor {name} holds NaN or infinite values")
 
 
 def _check_grid(state_dict, sizes: Sizes):
@@ -204,7 +213,7 @@ def _check_encoder(state_dict, state: dict, sizes: Sizes, cfg) -> float:
     graphdef, _ = nnx.split(build.abstract_objective(cfg).encoder, nnx.Param)
     ours = np.asarray(nnx.merge(graphdef, state["params"]["encoder"])(x), np.float64)
     diff = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
-    if diff > 1e-4:
+    if not diff <= 1e-4:  # NaN fails too
         raise ConversionError(
             f"our encoder differs from a float64 forward of the checkpoint by "
             f"{diff:.2e} (relative): are --num_heads ({sizes.heads}, from "

@@ -215,6 +215,10 @@ def features_of(split: data_lib.DatasetSplit, featurise, *, cache: str | None = 
         ys.append(np.asarray(ex["labels"], np.float32) if split.multi_label
                   else int(ex["label"]))
     x, y = np.stack(xs), np.asarray(ys)
+    if not np.isfinite(x).all():  # never cached, never probed: a chance score would hide it
+        bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+        raise ProbeError(f"{desc}: the features of clip {bad} ({split.name}:{split.split}) "
+                         "hold NaN or infinite values; are the weights finite?")
     if cache:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         np.savez(cache + ".tmp.npz", x=x, y=y)

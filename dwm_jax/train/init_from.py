@@ -73,6 +73,17 @@ def merge_weights(initial: dict, source: weights.Weights, cfg) -> tuple[dict, li
     return dict(params=params, target=target), notes
 
 
+def _check_finite(source: weights.Weights):
+    """A NaN or inf in the source's weights is named before anything trains on them."""
+    trees = dict(params=source.params, target=source.target)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(trees)[0]:
+        if not np.isfinite(np.asarray(leaf)).all():
+            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            raise config_lib.ConfigError(
+                f"config.init_from={source.workdir!r} (step {source.step}): {name} holds NaN "
+                "or infinite values")
+
+
 def start_from(source_dir: str, state: dict, shardings: dict, cfg) -> tuple[dict, list[str]]:
     """``config.init_from``: the fresh train ``state`` with ``source_dir``'s weights put in
     (see :func:`merge_weights`), placed with ``shardings``; the optimizer state stays fresh.
@@ -83,6 +94,7 @@ def start_from(source_dir: str, state: dict, shardings: dict, cfg) -> tuple[dict
         source = weights.read_weights(source_dir, parts=("params", "target"))
     except FileNotFoundError as e:
         raise config_lib.ConfigError(f"config.init_from={source_dir!r}: {e}") from None
+    _check_finite(source)
     # merged in the per-layer layout, whichever layout (scanned or not) each side has
     source.params = vit.unstack_layers(jax.device_get(source.params))
     source.target = vit.unstack_layers(jax.device_get(source.target))
