@@ -311,6 +311,10 @@ def _csv_build(folder, tmp_path, text, name="x", **kw):
     ("filename,label,split\na.wav,dog,train\ne.wav,bird\n",
      r"x\.csv:3: the row has 2 field\(s\); the header has 3"),
     ("filename,label,split\na.wav,dog,train,extra\n", r"x\.csv:2: the row has 4 field"),
+    ("filename,label,split\na.wav,dog,train\n../outside/x.wav,cat,test\n",
+     r"x\.csv:3: \.\./outside/x\.wav is outside the audio folder"),
+    ("filename,label,split\na.wav,dog,train\n/etc/hosts,cat,test\n",
+     r"x\.csv:3: /etc/hosts is outside the audio folder"),
 ])
 def test_bad_csv_rows_are_named(folder, tmp_path, text, match):
     with pytest.raises(data.BuildError, match=match):

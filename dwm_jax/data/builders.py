@@ -280,6 +280,10 @@ def _checked_row(audio_dir: str, where: str, rel: str, label, given_split: str,
             f"{where}: split {given_split!r} is not one that training and evaluation read: "
             f"train, valid, test or foldN (also accepted: {', '.join(sorted(SPLIT_ALIASES))})")
     path = os.path.normpath(os.path.join(audio_dir, rel))
+    root = os.path.normpath(audio_dir)  # by name: links inside the folder stay allowed
+    if os.path.isabs(rel) or os.path.commonpath([root, path]) != root:
+        raise BuildError(f"{where}: {rel} is outside the audio folder {audio_dir}; a list or "
+                         "CSV may name only files inside it")
     if path in first_seen:
         other = first_seen[path]
         leak = (f" (splits {other.split!r} and {split!r}: test clips would leak into "
