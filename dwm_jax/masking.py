@@ -93,6 +93,10 @@ def patch_grid(input_shape: tuple[int, int], patch_size: tuple[int, int]) -> tup
         raise ValueError(
             f"input_shape must be (F, T), the shape of one log-mel without batch; got "
             f"{input_shape} (rank {len(input_shape)})")
+    if any(isinstance(n, bool) or not isinstance(n, (int, np.integer))
+           for n in input_shape + patch_size):
+        raise ValueError(f"input_shape and patch_size must be integers; got {input_shape} and "
+                         f"{patch_size}")
     if len(patch_size) != 2 or min(patch_size) < 1:
         raise ValueError(f"patch_size must be two positive ints (ph, pw); got {patch_size}")
     (f, t), (ph, pw) = input_shape, patch_size
@@ -343,6 +347,8 @@ class Masker:
                 f"{self.name} masker expects x of shape [B, {self.input_shape[0]}, "
                 f"{self.input_shape[1]}] (batch, mel bins, frames); got {tuple(x.shape)}")
         spec = _Spec(self.grid, self.patch_size, self.num_keep)
+        if x.shape[0] == 0:  # an empty batch: empty ids of the right shapes
+            return mask_from_visible(jnp.zeros((0, spec.num_patches), bool), spec.num_keep)
         static_r = None if isinstance(hint_ratio, jax.Array) else float(hint_ratio)
         if static_r is not None and static_r >= 1.0:  # pure random: skip the strategy
             return mask_from_visible(_random_visible_mask(key, x.shape[0], spec), spec.num_keep)

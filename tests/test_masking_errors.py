@@ -80,3 +80,18 @@ def test_every_registered_masker_builds_from_its_declared_defaults():
             assert masker.num_keep == keep
             assert {k: masker.options[k] for k in entry.defaults} == entry.defaults
     assert masking.hinted_maskers() == ("dispersion", "sgim")
+
+
+def test_an_empty_batch_gives_empty_masks_for_every_masker():
+    for name, entry in masking.MASKERS.items():
+        m = masking.make_masker(name, input_shape=(80, 608), mask_ratio=0.7)
+        feats = jnp.zeros((0, 190, 8)) if entry.needs_features else None
+        mask = jax.jit(lambda k, x, f: m(k, x, features=f))(jax.random.key(0),
+                                                             jnp.zeros((0, 80, 608)), feats)
+        assert mask.ids_keep.shape == (0, 57) and mask.mask.shape == (0, 190), name
+
+
+def test_non_integer_shapes_are_refused_at_construction():
+    with pytest.raises(ValueError, match="input_shape and patch_size must be integers"):
+        masking.make_masker("random", input_shape=(80, 64), patch_size=(16.0, 16.0),
+                            mask_ratio=0.7)
