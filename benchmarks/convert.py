@@ -8,7 +8,7 @@ folder named their way (``m2d_vit_base-80x608p16x16-bench``), as .npz and, where
 installed, as their ``{'model', 'args'}`` .pth. Each is converted by the real command in a
 child process, whose wall time and peak resident memory (ru_maxrss) are printed. Then the
 converted encoder's features of a random 80 x 608 input are compared with a float64 NumPy
-forward of the same tensors (dwm_jax.convert.numpy_forward).
+forward of the same tensors (dwm_jax.torch_layout.numpy_forward).
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ def authors_layout_checkpoint() -> dict[str, np.ndarray]:
     """Our ViT-B M2D at its random init, written with their names and layouts."""
     from flax import nnx
 
-    from dwm_jax import convert, objectives
+    from dwm_jax import objectives, torch_layout
     from dwm_jax.models import vit
 
     model = objectives.make_objective("m2d", size="base", input_shape=(80, 608),
-                                      decoder=objectives.OBJECTIVES["m2d"].default_decoder, rngs=nnx.Rngs(0))
+                                      decoder=objectives.OBJECTIVES["m2d"].default_decoder,
+                                      rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    sd = convert.to_torch(params, model.target_init(1), "m2d", (16, 16))
+    sd = torch_layout.to_torch(params, model.target_init(1), "m2d", (16, 16))
     sd = {k: np.asarray(v) for k, v in sd.items()}
     grid = model.encoder.grid
     for key, dim in (("pos_embed", 768), ("decoder_pos_embed", 512)):
@@ -93,13 +94,13 @@ def main():
               f"(child process, imports included), peak RSS {peak:.0f} MiB")
         print("  " + out.strip().replace("\n", "\n  "))
 
-    from dwm_jax import convert
+    from dwm_jax import torch_layout
     from dwm_jax.embedding import Embedder
 
     emb = Embedder.from_workdir(os.path.join(a.outdir, "workdir"))
     x = np.random.default_rng(7).standard_normal((1, 80, 608)).astype(np.float32)
     ours = np.asarray(emb.encoder(x), np.float64)
-    theirs = convert.numpy_forward(sd, x, num_heads=12)
+    theirs = torch_layout.numpy_forward(sd, x, num_heads=12)
     diff = np.abs(ours - theirs).max()
     print(f"features of a random 80 x 608 input vs a float64 NumPy forward of the same "
           f"tensors: max |diff| {diff:.2e} (relative to max |feature| "

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from tests.test_reference import Ref, _initial_state, _setup
 
-from dwm_jax import audio, convert, masking
+from dwm_jax import audio, masking, torch_layout
 from dwm_jax.normalisation import NormStats
 from dwm_jax.train import step as step_lib
 from dwm_jax.embedding import Embedder
@@ -52,9 +52,9 @@ def stages(r: Ref) -> dict[str, float]:
         for k, g in r.torch_names(grads).items())
     setup = _setup(r)
     theirs = {k[len("grads/"):]: v for k, v in z.items() if k.startswith("grads/")}
-    grads = convert.from_torch({**r.state_dict, **theirs}, r.objective)["params"]
+    grads = torch_layout.from_torch({**r.state_dict, **theirs}, r.objective)["params"]
     new = step_lib.apply_gradients(setup, _initial_state(r, setup), grads)
-    after = convert.to_torch(new["params"], new["target"] or None, r.objective, (16, 16))
+    after = torch_layout.to_torch(new["params"], new["target"] or None, r.objective, (16, 16))
     out["AdamW step on their gradients"] = max(
         largest(v, z[f"after_step/{k}"]) for k, v in after.items() if k in theirs)
     if r.objective == "m2d":
