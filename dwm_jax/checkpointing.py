@@ -209,12 +209,21 @@ class Checkpointer:
                 state, meta = self.restore(step, abstract_state, data_iterator)
                 return step, state, meta
             except CheckpointDamagedError as e:
+                aside = self._aside_name(step)
                 if jax.process_index() == 0:
                     os.replace(os.path.join(self.directory, str(step)),
-                               os.path.join(self.directory, f"{step}.damaged"))
-                warn(f"{e}; moved it to {step}.damaged and trying the previous checkpoint")
+                               os.path.join(self.directory, aside))
+                warn(f"{e}; moved it to {aside} and trying the previous checkpoint")
                 self.manager.reload()
         return None
+
+    def _aside_name(self, step: int) -> str:
+        """``<step>.damaged``, or ``<step>.damaged.N`` when that step was damaged before."""
+        name, n = f"{step}.damaged", 1
+        while os.path.exists(os.path.join(self.directory, name)):
+            n += 1
+            name = f"{step}.damaged.{n}"
+        return name
 
     def wait(self):
         """Waits for the asynchronous save; CheckpointSaveError if it failed."""

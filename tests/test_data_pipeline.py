@@ -104,7 +104,7 @@ def test_host_shards_are_disjoint_and_cover_the_split(synthetic_small, shard_cou
     assert len(flat) == len(set(flat)) and len(flat) > len(test) - shard_count * 4
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_iterator_state_restores_the_same_batches(train, workers):
     kw = dict(batch_size=8, frames=64, stats=train.norm_stats(), seed=5, shard_index=0,
               shard_count=1, keep_filename=True, worker_count=workers)

@@ -2,6 +2,7 @@
 
 import librosa
 import numpy as np
+import pytest
 
 from dwm_jax import audio, plots
 
@@ -16,6 +17,7 @@ def test_log_mel_matches_librosa_and_paper_defaults():
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mask_figure_masks_the_active_regions(tmp_path):
     masks = plots.mask_figure(str(tmp_path / "masks.png"))
     assert (tmp_path / "masks.png").stat().st_size > 10_000

@@ -227,6 +227,11 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(synthetic_sma
     ours, theirs = read_params(str(ref)), read_params(str(hurt))
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
         np.testing.assert_array_equal(a, b)
+    if damage == "bytes":  # the same step damaged a second time: moved aside beside the first
+        damage_largest_state_file(str(step8))
+        summary = train_lib.train(cfg(), str(hurt), progress=False)
+        assert summary["start_step"] == 4 and summary["final_step"] == 8
+        assert os.path.isdir(hurt / "checkpoints" / "8.damaged.2")
 
 
 @pytest.mark.slow
