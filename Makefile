@@ -49,6 +49,12 @@ $(DEBS_STAMP): $(STAMP)
 	  || echo "could not install $(DEBS): the suite's tests will be skipped"; fi
 	touch $(DEBS_STAMP)
 
+# the documentation site: docs/_build/html (warnings are errors)
+DOCS_STAMP := $(VENV)/.docs
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $(DOCS_STAMP)
+
 # the fast tier (what a contributor runs before each commit) and the whole suite (CI)
 test: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
@@ -107,12 +113,6 @@ WORKERS ?= 2
 data-parallel: $(BEAM_STAMP)
 	$(PY) -m dwm_jax.data audio_folder --name $(NAME) --audio_dir $(AUDIO_DIR) \
 	    --data_dir data --workers $(WORKERS)
-
-# the documentation site: docs/_build/html (warnings are errors)
-DOCS_STAMP := $(VENV)/.docs
-$(DOCS_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[docs]'
-	touch $(DOCS_STAMP)
 
 docs: $(DOCS_STAMP)
 	$(PY) -m sphinx -W --keep-going -E -b html docs docs/_build/html
