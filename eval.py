@@ -26,7 +26,11 @@ import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
+
+from dwm_jax import checkpointing, cli, config, finetune, probe
+from dwm_jax.embedding import Embedder
+from dwm_jax.errors import NonFiniteError
+from dwm_jax.suite import tasks as suite_tasks
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's directory", required=True)
 _TASKS = flags.DEFINE_list("tasks", ["synthetic_sounds"], "comma-separated tasks; 'suite' "
@@ -39,7 +43,7 @@ _POOL = flags.DEFINE_enum("pool", "mean", ["mean", "mean_std"],
                           "authors'), or mean and std (the raw log-mel baseline's statistics)")
 _MODE = flags.DEFINE_enum("mode", "linear", ["linear", "finetune", "both"],
                           "linear probe, fine-tuning, or both")
-_FINETUNE = config_flags.DEFINE_config_file("finetune", "configs/finetune.py",
+_FINETUNE = cli.define_config_file("eval.py", "finetune", "configs/finetune.py",
                                             "the fine-tuning recipe (--mode=finetune / both)")
 
 
@@ -77,77 +81,100 @@ def _earlier_results(path: str, step: int) -> dict:
     return {r["task"]: r for r in earlier.get("tasks", []) if "task" in r}
 
 
+def _open_run(workdir: str, step: int | None):
+    """(step, the checkpoint's meta, Embedder) of ``workdir``; CheckpointError / ValueError
+    with a one-line message when there is no such checkpoint or it cannot be read."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # and create nothing there
+        raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}")
+    ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+    try:
+        step = step if step is not None else ckpt.latest_step()
+        if step is None or step not in ckpt.manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'}"
+                                    f" under {ckpt.directory}")
+        try:
+            return step, ckpt.read_meta(step), Embedder.from_workdir(workdir, step)
+        except (checkpointing.CheckpointDamagedError,
+                checkpointing.CheckpointMismatchError) as e:
+            raise ValueError(f"{e} (--step picks another checkpoint)") from None
+    finally:
+        ckpt.close()
+
+
+def _check_writable(out_dir: str) -> None:
+    """Fails now, not after every feature is computed, when results cannot be written."""
+    os.makedirs(out_dir, exist_ok=True)
+    probe_file = os.path.join(out_dir, f".writable-{os.getpid()}")
+    with open(probe_file, "w"):
+        pass
+    os.remove(probe_file)
+
+
+def _linear_probes(tasks, data_dir, meta, encoder, results):
+    random_init = Embedder.random_init(meta["config"], encoder.stats, seed=0)
+    cache = None if _NO_CACHE.value else os.path.join(_WORKDIR.value, "eval", "cache")
+    # cache keys identify the weights (not the step: a retrained run reaches the same step)
+    featurisers = {
+        "encoder": encoder.featuriser("encoder", _POOL.value),
+        "random_init": random_init.featuriser("random_init", _POOL.value),
+        "raw_logmel": (probe.raw_features, "raw_logmel"),
+    }
+    for spec in tasks:
+        try:
+            r = probe.evaluate_task(spec, data_dir, featurisers, cache_dir=cache)
+        except (probe.ProbeError, FileNotFoundError, ValueError) as e:
+            raise probe.ProbeError(f"task {spec!r}: {e}") from None
+        results[r["task"]] = {**results.get(r["task"], {}), **r, "pool": _POOL.value}
+
+
+def _finetunes(tasks, data_dir, step, out_dir, results):
+    for spec in tasks:
+        try:
+            ft = finetune.finetune_task(spec, data_dir, _WORKDIR.value, step, _FINETUNE.value,
+                                        out_dir=os.path.join(out_dir, "finetune"),
+                                        log=lambda line: print(line, file=sys.stderr))
+        except (probe.ProbeError, FileNotFoundError, ValueError,
+                checkpointing.CheckpointMismatchError, NonFiniteError) as e:
+            raise probe.ProbeError(f"task {spec!r}: {e}") from None
+        summary = ft.pop("task_summary")
+        results[summary["task"]] = {**summary, **results.get(summary["task"], {}),
+                                    "finetune": ft}
+
+
+def _write_atomically(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)
-    from dwm_jax import checkpointing, probe
-    from dwm_jax.embedding import Embedder
-    from dwm_jax.errors import NonFiniteError
-    from dwm_jax.suite import tasks as suite_tasks
-
     checkpointing.quiet_background_echoes()
-
     workdir = _WORKDIR.value
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # and create nothing there
-        print(f"eval.py: no checkpoint under {os.path.join(workdir, 'checkpoints')}",
-              file=sys.stderr)
-        return 2
-    ckpt = checkpointing.Checkpointer(workdir, async_save=False)
-    step = _STEP.value if _STEP.value is not None else ckpt.latest_step()
-    if step is None or step not in ckpt.manager.all_steps():
-        print(f"eval.py: no checkpoint{'' if step is None else f' at step {step}'} under "
-              f"{ckpt.directory}", file=sys.stderr)
-        return 2
-    try:
-        meta = ckpt.read_meta(step)
-        encoder = Embedder.from_workdir(workdir, step)
-    except (checkpointing.CheckpointDamagedError, checkpointing.CheckpointMismatchError) as e:
-        print(f"eval.py: {e} (--step picks another checkpoint)", file=sys.stderr)
-        return 2
-    finally:
-        ckpt.close()
-    data_dir = _DATA_DIR.value or meta["config"]["data"]["data_dir"]
-    tasks = suite_tasks.task_specs(",".join(_TASKS.value))
     out_dir = os.path.join(workdir, "eval")
-    results = _earlier_results(os.path.join(out_dir, "results.json"), step)
-    if _MODE.value in ("linear", "both"):
-        random_init = Embedder.random_init(meta["config"], encoder.stats, seed=0)
-        cache = None if _NO_CACHE.value else os.path.join(workdir, "eval", "cache")
-        # cache keys identify the weights (not the step: a retrained run reaches the same step)
-        featurisers = {
-            "encoder": encoder.featuriser("encoder", _POOL.value),
-            "random_init": random_init.featuriser("random_init", _POOL.value),
-            "raw_logmel": (probe.raw_features, "raw_logmel"),
-        }
-        for spec in tasks:
-            try:
-                r = probe.evaluate_task(spec, data_dir, featurisers, cache_dir=cache)
-            except (probe.ProbeError, FileNotFoundError, ValueError) as e:
-                print(f"eval.py: task {spec!r}: {e}", file=sys.stderr)
-                return 2
-            results[r["task"]] = {**results.get(r["task"], {}), **r, "pool": _POOL.value}
-    if _MODE.value in ("finetune", "both"):
-        from dwm_jax import finetune
-        for spec in tasks:
-            try:
-                ft = finetune.finetune_task(spec, data_dir, workdir, step, _FINETUNE.value,
-                                            out_dir=os.path.join(out_dir, "finetune"),
-                                            log=lambda line: print(line, file=sys.stderr))
-            except (probe.ProbeError, FileNotFoundError, ValueError,
-                    checkpointing.CheckpointMismatchError, NonFiniteError) as e:
-                print(f"eval.py: task {spec!r}: {e}", file=sys.stderr)
-                return 2
-            summary = ft.pop("task_summary")
-            results[summary["task"]] = {**summary, **results.get(summary["task"], {}),
-                                        "finetune": ft}
-    results = list(results.values())
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(dict(step=step, workdir=os.path.abspath(workdir), tasks=results), f, indent=1)
-    table = markdown_table(results, step)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(table)
+    try:
+        if _MODE.value in ("finetune", "both"):
+            config.check_finetune(_FINETUNE.value)
+        tasks = suite_tasks.task_specs(",".join(_TASKS.value))
+        step, meta, encoder = _open_run(workdir, _STEP.value)
+        data_dir = _DATA_DIR.value or meta["config"]["data"]["data_dir"]
+        _check_writable(out_dir)
+        results = _earlier_results(os.path.join(out_dir, "results.json"), step)
+        if _MODE.value in ("linear", "both"):
+            _linear_probes(tasks, data_dir, meta, encoder, results)
+        if _MODE.value in ("finetune", "both"):
+            _finetunes(tasks, data_dir, step, out_dir, results)
+        results = list(results.values())
+        _write_atomically(os.path.join(out_dir, "results.json"), json.dumps(
+            dict(step=step, workdir=os.path.abspath(workdir), tasks=results), indent=1))
+        table = markdown_table(results, step)
+        _write_atomically(os.path.join(out_dir, "results.md"), table)
+    except cli.FILE_ERRORS as e:
+        return cli.fail("eval.py", cli.describe_os_error(e))
+    except (config.ConfigError, probe.ProbeError, ValueError) as e:
+        return cli.fail("eval.py", str(e))
     print(table)
     print(f"written: {os.path.join(out_dir, 'results.json')}, "
           f"{os.path.join(out_dir, 'results.md')}")
@@ -155,4 +182,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("eval.py", ("finetune",)))

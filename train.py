@@ -20,9 +20,11 @@ import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "a configs/*.py file")
+from dwm_jax import cli
+
+_CONFIG = cli.define_config_file("train.py", "config", "configs/demo.py",
+                                 "a configs/*.py file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and logs go", required=True)
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first")
 _COORDINATOR = flags.DEFINE_string(
@@ -58,8 +60,9 @@ def main(argv):
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return 3
     except train.USER_ERRORS as e:  # the user's to fix: one line, no traceback
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail("train.py", str(e))
+    except cli.FILE_ERRORS as e:      # a read-only or misplaced directory
+        return cli.fail("train.py", cli.describe_os_error(e))
     print(f"checkpoints: {summary['checkpoint_dir']} (step {summary['final_step']})")
     print(f"logs: {os.path.join(workdir, 'metrics.jsonl')}, "
           f"{os.path.join(workdir, 'tensorboard')}")
@@ -78,22 +81,5 @@ def main(argv):
     return 0
 
 
-def parse_flags(argv):
-    """absl's parsing, with a one-line error (exit 2) for ``--config.<field>`` overrides
-    that name no field or cannot be parsed, and for a config file that fails to load."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:  # a config file's own exception arrives with its traceback
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        message = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
-        print(f"train.py: error: {message}", file=sys.stderr)
-    except (AttributeError, KeyError) as e:
-        name = str(e).strip("\"'")
-        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-               and a.split("=")[0].split(".")[-1] == name] or [f"--config...{name}"]
-        print(f"train.py: error: {bad[0]}: the config has no field {name!r}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.flags_parser("train.py"))

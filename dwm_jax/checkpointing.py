@@ -6,7 +6,8 @@ RNG), ``data`` (the Grain iterator state, so a resumed run reads the same batche
 ``meta`` (the config, normalisation statistics, the parameter shapes and a fingerprint of
 the state). Restoring checks ``meta`` first: a checkpoint of another model or config fails
 with a message that lists the differences instead of a shape error deep inside Orbax. A
-restored state is checked against its fingerprint; :meth:`Checkpointer.restore_intact` moves
+restored state, and (in a single-process run) the restored iterator state, are checked
+against their fingerprints; :meth:`Checkpointer.restore_intact` moves
 a damaged checkpoint aside (``<step>.damaged``, nothing deleted) and falls back to the newest
 intact one. A failed save (a full disk) raises :class:`CheckpointSaveError` at once.
 """
@@ -18,6 +19,8 @@ from dwm_jax._extras import require
 require("train", "orbax")
 
 import contextlib
+import hashlib
+import json
 import os
 
 import jax
@@ -73,6 +76,21 @@ def state_fingerprint(state) -> dict[str, int]:
     paths = list(tree_signature(state))
     sums = jax.device_get(_leaf_checksums(jax.tree.leaves(state)))
     return {p: int(v) for p, v in zip(paths, sums)}
+
+
+def iterator_fingerprint(state) -> str:
+    """A hash of a data iterator's saved state (Grain's JSON bytes), without the
+    ``data_source`` entry: its text holds an object address that differs from process to
+    process over the same data."""
+    payload = state if isinstance(state, bytes) else str(state).encode()
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        doc.pop("data_source", None)
+        payload = json.dumps(doc, sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
 
 
 def _root_cause(e: BaseException) -> str:
@@ -131,6 +149,8 @@ class Checkpointer:
         meta); returns whether it saved. Raises CheckpointSaveError when this or an earlier
         asynchronous save failed."""
         meta = dict(meta, fingerprint=state_fingerprint(state))
+        if data_iterator is not None and jax.process_count() == 1:
+            meta["data_fingerprint"] = iterator_fingerprint(data_iterator.get_state())
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         if data_iterator is not None:
             items["data"] = _grain().checkpoint.CheckpointSave(data_iterator)
@@ -194,6 +214,11 @@ class Checkpointer:
                 raise CheckpointDamagedError(
                     f"{where} is damaged: {len(bad)} array(s) differ from the fingerprint "
                     f"saved with them ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+        wanted = out["meta"].get("data_fingerprint")
+        if data_iterator is not None and wanted is not None and jax.process_count() == 1:
+            if iterator_fingerprint(data_iterator.get_state()) != wanted:
+                raise CheckpointDamagedError(f"{where} is damaged: its data-iterator state "
+                                             "differs from the fingerprint saved with it")
         return out["state"], out["meta"]
 
     def restore_intact(self, abstract_state, data_iterator=None, *, check=None, warn=print):

@@ -265,6 +265,25 @@ FIELDS: tuple[Field, ...] = (
     F("probe.name", "", _optional_string,
       "the labelled dataset probed; '' = config.data.name", resumable=True),
 )
+# The fine-tuning recipe (eval.py --mode=finetune; configs/finetune.py): the usual one for
+# audio transformers (the M2D, ATST and BEATs fine-tuning scripts).
+FINETUNE_FIELDS: tuple[Field, ...] = (
+    F("epochs", 30, _integer(1), "at most this many epochs; early stopping may end sooner"),
+    F("patience", 10, _integer(1),
+      "epochs without a better validation score before stopping"),
+    F("batch_size", 32, _integer(1), "clips per step (the task needs at least this many)"),
+    F("lr", 1e-3, _number(0.0, low_open=True), "peak learning rate of the head (the top layer)"),
+    F("layer_decay", 0.75, _number(0.0, 1.0, low_open=True),
+      "block i of L gets lr * layer_decay ** (L - i); the patch embedding one step less"),
+    F("weight_decay", 0.05, _number(0.0), "AdamW's decoupled weight decay"),
+    F("warmup_epochs", 3, _number(0.0), "linear warm-up, then cosine to 0"),
+    F("clip", 3.0, _number(0.0, low_open=True), "global gradient-norm clipping"),
+    F("mixup", 0.3, _number(0.0), "Beta(alpha, alpha) mixing weight; 0 turns mixup off"),
+    F("freq_mask", 16, _integer(0), "widest frequency band masked per clip (mel bins; 0: off)"),
+    F("time_mask", 64, _integer(0), "widest time band masked per clip (frames; 0: off)"),
+    F("folds", 0, _integer(0), "fold datasets: how many test folds to run (0: all)"),
+    F("seed", 0, _integer(0, 2**32 - 1), "seeds the head, the batches and the augmentation"),
+)
 del F
 BY_PATH: dict[str, Field] = {f.path: f for f in FIELDS}
 _FREE = tuple(f.path for f in FIELDS if f.rule is _free)
@@ -373,6 +392,27 @@ def check(cfg) -> None:
                           f"exceed ema_end ({cfg.objective.ema_end})")
 
 
+def finetune_base() -> ml_collections.ConfigDict:
+    """The fine-tuning recipe's defaults, every field of :data:`FINETUNE_FIELDS` set."""
+    return ml_collections.ConfigDict({f.path: f.default for f in FINETUNE_FIELDS})
+
+
+def check_finetune(cfg) -> None:
+    """Raises ConfigError naming the first bad ``--finetune.<field>``."""
+    given = dict(cfg.items())
+    known = {f.path for f in FINETUNE_FIELDS}
+    for name in sorted(set(given) - known):
+        raise ConfigError(f"--finetune.{name}: the fine-tuning config has no such field; it "
+                          f"has {', '.join(sorted(known))}")
+    for f in FINETUNE_FIELDS:
+        if f.path not in given:
+            raise ConfigError(f"the fine-tuning config lacks field {f.path!r}; start from "
+                              "dwm_jax.config.finetune_base()")
+        problem = f.rule(given[f.path])
+        if problem:
+            raise ConfigError(f"--finetune.{f.path} {problem}; got {given[f.path]!r}")
+
+
 def _check_model(m) -> None:
     try:
         masking.patch_grid(tuple(m.input_shape), tuple(m.patch_size))
@@ -412,11 +452,11 @@ def _show(value) -> str:
     return f"`{value!r}`"
 
 
-def reference_markdown() -> str:
+def reference_markdown(fields: tuple[Field, ...] = FIELDS) -> str:
     """The configuration reference: a table of every field (the docs include it)."""
     lines = ["| field | default | rule | resume may change | description |",
              "|---|---|---|---|---|"]
-    for f in FIELDS:
+    for f in fields:
         doc = f.doc + ("" if not f.has_legacy else
                        f" (checkpoints older than the field: `{f.legacy!r}`)")
         lines.append(f"| `{f.path}` | {_show(f.default)} | {getattr(f.rule, 'text', '')} | "
@@ -432,7 +472,13 @@ def reference_document() -> str:
             "and the schema disagree. Fields marked *resume may change* can differ when a run\n"
             "is resumed (they are recorded in `config_changes.jsonl`); any other difference is\n"
             "refused. Defaults shown as *(see description)* depend on the objective or the\n"
-            "masker and come from their registries.\n\n" + reference_markdown())
+            "masker and come from their registries.\n\n" + reference_markdown() +
+            "\n## Fine-tuning\n\n"
+            "The recipe of `eval.py --mode=finetune` (`dwm_jax.config.FINETUNE_FIELDS`;\n"
+            "`configs/finetune.py`), each field overridable as `--finetune.<field>=value`.\n"
+            "A rerun with another value of any field is refused while the earlier run's\n"
+            "checkpoints (under `RUN/eval/finetune/`) remain.\n\n"
+            + reference_markdown(FINETUNE_FIELDS))
 
 
 if __name__ == "__main__":

@@ -81,9 +81,9 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _existing(workdir: str, sha256: str, options: dict):
-    """None when ``workdir`` holds no checkpoint; 'same' when it holds this very conversion;
-    raises ConversionError when it holds anything else."""
+def _existing(workdir: str, sha256: str, options: dict) -> dict | None:
+    """None when ``workdir`` holds no checkpoint; the report saved with the checkpoint when
+    it holds this very conversion; raises ConversionError when it holds anything else."""
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         return None
     ckpt = checkpointing.Checkpointer(workdir, async_save=False)
@@ -96,7 +96,7 @@ def _existing(workdir: str, sha256: str, options: dict):
         ckpt.close()
     done = meta.get("converted_from")
     if done and done.get("sha256") == sha256 and done.get("options") == options:
-        return "same"
+        return done
     what = (f"weights converted from {done.get('file')}" if done else
             f"a training run ({meta['config']['objective']['name']}, step {step})")
     raise ConversionError(f"--workdir {workdir} already holds {what}; choose another workdir")
@@ -111,34 +111,101 @@ def convert(path: str, workdir: str, *, num_heads=None, decoder_num_heads=None,
                    input_shape=list(input_shape) if input_shape else None,
                    norm_stats=list(norm_stats) if norm_stats else None)
     sha256 = _sha256(path) if os.path.isfile(path) else ""
-    if _existing(workdir, sha256, options) == "same":
+    done = _existing(workdir, sha256, options)
+    if done is not None:
         log(f"{workdir} already holds this conversion of {path}; nothing to do")
-        with open(os.path.join(workdir, "conversion.json")) as f:
-            return json.load(f)
+        try:
+            with open(os.path.join(workdir, "conversion.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):  # a run stopped after its checkpoint: finish it
+            _write_json(os.path.join(workdir, "conversion.json"), done)
+            return done
     raw, args = read_checkpoint(path)
     state_dict, notes = strip_prefixes(raw)
     del raw
+    precision = _as_float32(state_dict, notes)
     _check_finite(state_dict)
     sizes = infer_sizes(state_dict, path=path, args=args, num_heads=num_heads,
                         decoder_num_heads=decoder_num_heads, input_shape=input_shape)
-    _check_grid(state_dict, sizes)
+    _note_heads(sizes, args, notes)
+    _check_grid(state_dict, sizes, POSITION_TOLERANCE[precision])
     stats, stats_from = _norm_stats(state_dict, sizes, norm_stats, notes)
     cfg = converted_config(sizes)
     state = _converted_state(state_dict, sizes, cfg, notes)
-    check_diff = _check_encoder(state_dict, state, sizes, cfg) if check else None
+    check_diff = _check_encoder(state_dict, state, sizes, cfg, precision) if check else None
     report = dict(
         file=os.path.abspath(path), sha256=sha256, options=options,
         objective=sizes.objective, size=sizes.size, patch_size=list(sizes.patch_size),
         input_shape=list(sizes.input_shape), decoder=sizes.decoder, mask_ratio=sizes.mask_ratio,
-        sources=sizes.sources, norm_stats=list(stats), norm_stats_from=stats_from,
+        heads=sizes.heads, sources=sizes.sources, precision=precision,
+        norm_stats=list(stats), norm_stats_from=stats_from,
         args={k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))},
         notes=notes, check_max_relative_diff=check_diff,
         parameters=int(sum(np.size(v) for v in jax.tree.leaves(state))))
     _write_workdir(workdir, state, cfg, stats, report)
     report["seconds"] = round(time.perf_counter() - t0, 2)
-    with open(os.path.join(workdir, "conversion.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    _write_json(os.path.join(workdir, "conversion.json"), report)
     return report
+
+
+def _write_json(path: str, obj) -> None:
+    """Written whole or not at all (a temporary file renamed over the old one)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# how far stored positions may be from ours: float32 rounding, or that of the half precision
+# the weights were stored in
+POSITION_TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 8e-3}
+
+
+def _as_float32(state_dict, notes: list) -> str:
+    """Casts every floating tensor to float32 in place -> the lowest precision stored
+    ('float32', 'float16' or 'bfloat16'), noted when it is a half one."""
+    stored = {str(np.asarray(v).dtype) for v in state_dict.values()
+              if np.asarray(v).dtype.kind == "f" or str(np.asarray(v).dtype) == "bfloat16"}
+    for name in list(state_dict):
+        v = np.asarray(state_dict[name])
+        if v.dtype.kind == "f" or str(v.dtype) == "bfloat16":
+            state_dict[name] = v.astype(np.float32)
+    half = [p for p in ("bfloat16", "float16") if p in stored]
+    if half:
+        notes.append(f"the weights are stored in {half[0]}: converted to float32, positions "
+                     f"compared at {half[0]} tolerance ({POSITION_TOLERANCE[half[0]]:g})")
+        return half[0]
+    return "float32"
+
+
+def _note_heads(sizes: Sizes, args: dict, notes: list) -> None:
+    """The head count cannot be read from the weights (any count that divides the width
+    fits the same tensors, and the float64 check runs with the same count). Refuses a
+    --num_heads that contradicts the size named in args.model; notes a defaulted count."""
+    named = _heads_of_model_name(args.get("model"), sizes.dim)
+    if named and named != sizes.heads:
+        raise ConversionError(
+            f"{sizes.heads} heads (from {sizes.sources['heads']}) contradict the checkpoint's "
+            f"args.model {args['model']!r}, a ViT of {named} heads at width {sizes.dim}")
+    if named:
+        sizes.sources["heads"] += f", agreeing with args.model {args['model']!r}"
+    elif sizes.sources["heads"] == "width / 64":
+        notes.append(f"{sizes.heads} heads from the width ({sizes.dim} / 64): the weights "
+                     "cannot tell the head count and the file has no args saying it; pass "
+                     "--num_heads if the model was trained with another")
+
+
+# timm's ViT names -> (width, heads): a named size fixes the head count
+_TIMM_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16),
+               "huge": (1280, 16)}
+
+
+def _heads_of_model_name(model, dim: int) -> int | None:
+    if not isinstance(model, str):
+        return None
+    for name, (width, heads) in _TIMM_SIZES.items():
+        if f"vit_{name}" in model and width == dim:
+            return heads
+    return None
 
 
 def _check_finite(state_dict):
@@ -149,11 +216,11 @@ def _check_finite(state_dict):
             raise ConversionError(f"tensor {name} holds NaN or infinite values")
 
 
-def _check_grid(state_dict, sizes: Sizes):
+def _check_grid(state_dict, sizes: Sizes, atol: float):
     """The checkpoint's fixed positions against ours for the inferred input size."""
     grid = tuple(n // p for n, p in zip(sizes.input_shape, sizes.patch_size))
     try:
-        check_positions(state_dict, grid)
+        check_positions(state_dict, grid, atol)
     except ValueError as e:
         raise ConversionError(f"{e} (input {sizes.input_shape[0]}x{sizes.input_shape[1]}, "
                               f"from {sizes.sources['input_shape']})") from None
@@ -205,19 +272,25 @@ def _converted_state(state_dict, sizes: Sizes, cfg, notes: list) -> dict:
     return state
 
 
-def _check_encoder(state_dict, state: dict, sizes: Sizes, cfg) -> float:
+def _check_encoder(state_dict, state: dict, sizes: Sizes, cfg, precision: str) -> float:
     """Our encoder against a float64 NumPy forward of their tensors -> the largest relative
-    difference; ConversionError above 1e-4."""
+    difference; ConversionError above 1e-4. The forward adds their stored positions, or
+    ours (exact sin-cos, as our model does) when there are none or they were stored in a
+    half precision (their rounding was checked by ``_check_grid``)."""
     x = np.random.default_rng(0).standard_normal((1, *sizes.input_shape), np.float32)
-    theirs = numpy_forward(state_dict, x, sizes.heads)
+    grid = tuple(n // p for n, p in zip(sizes.input_shape, sizes.patch_size))
+    ours_positions = np.concatenate([np.zeros((1, sizes.dim)), vit.sincos_2d(sizes.dim, grid)])
+    theirs_usable = "pos_embed" in state_dict and precision == "float32"
+    positions = (np.asarray(state_dict["pos_embed"], np.float64)[0] if theirs_usable
+                 else ours_positions)
+    theirs = numpy_forward(state_dict, x, sizes.heads, positions)
     graphdef, _ = nnx.split(build.abstract_objective(cfg).encoder, nnx.Param)
     ours = np.asarray(nnx.merge(graphdef, state["params"]["encoder"])(x), np.float64)
     diff = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
     if not diff <= 1e-4:  # NaN fails too
         raise ConversionError(
             f"our encoder differs from a float64 forward of the checkpoint by "
-            f"{diff:.2e} (relative): are --num_heads ({sizes.heads}, from "
-            f"{sizes.sources['heads']}) and the layout right?")
+            f"{diff:.2e} (relative): is the layout right?")
     return diff
 
 
@@ -235,8 +308,7 @@ def _write_workdir(workdir: str, state: dict, cfg, stats, report: dict):
         ckpt.wait()
     finally:
         ckpt.close()
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(meta["config"], f, indent=1)
+    _write_json(os.path.join(workdir, "config.json"), meta["config"])
 
 
 def _norm_stats_flag(text: str):
@@ -286,7 +358,8 @@ def main(argv=None) -> int:
         print(f"note: {note}")
     dec = r["decoder"]
     head = "" if not dec else ", head " + "x".join(str(dec[k]) for k in ("dim", "depth", "heads"))
-    print(f"converted {r['file']} ({r['objective']}, ViT {r['size']}, "
+    print(f"converted {r['file']} ({r['objective']}, ViT {r['size']} with {r['heads']} heads "
+          f"from {r['sources']['heads']}, "
           f"{r['parameters'] / 1e6:.1f} M parameters"
           f"{head}, "
           f"input {r['input_shape'][0]}x{r['input_shape'][1]}, "

@@ -25,6 +25,7 @@ from dwm_jax._extras import require
 
 require("eval", "flax", "optax", "orbax", "ml_collections")
 
+import hashlib
 import json
 import os
 import time
@@ -36,7 +37,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dwm_jax import build, checkpointing, probe, weights
+from dwm_jax import build, checkpointing, config, probe, weights
 from dwm_jax import data as data_lib
 from dwm_jax.embedding import Embedder
 from dwm_jax.errors import NonFiniteError
@@ -154,6 +155,10 @@ class _Clips:
     def __len__(self):
         return len(self.log_mels)
 
+    def digest(self) -> str:
+        """A hash of the targets: a rebuild with other labels is another fine-tuning run."""
+        return hashlib.sha256(np.ascontiguousarray(self.targets).tobytes()).hexdigest()[:12]
+
 
 def _score(model_state, graphdef, embedder, clips: _Clips, multi_label: bool) -> dict:
     """Whole clips through the encoder (as the probe embeds them), then norm and head."""
@@ -186,7 +191,9 @@ def run(encoder, stats, train: _Clips, valid: _Clips, test: _Clips, cfg, run_dir
         *, identity: dict, multi_label: bool, log=print) -> dict:
     """Fine-tunes ``encoder`` (a fresh copy of its weights) on ``train``, early-stopping on
     ``valid``; scores ``test`` with the best weights. Checkpoints in ``run_dir`` and resumes
-    from them; ``identity`` (the source weights, the data, the config) must match theirs."""
+    from them; ``identity`` (the source weights, the data, the config), with the labels
+    added here, must match theirs (runs that predate the labels' entry match on the rest)."""
+    identity = dict(identity, labels=[c.digest() for c in (train, valid, test)])
     if len(train) < cfg.batch_size:
         raise probe.ProbeError(f"fine-tuning needs a batch of {cfg.batch_size} training "
                                f"clips; the task has {len(train)} (--finetune.batch_size)")
@@ -211,8 +218,9 @@ def run(encoder, stats, train: _Clips, valid: _Clips, test: _Clips, cfg, run_dir
         if ckpt.latest_step() is not None:
             def check(step, stored):
                 theirs = stored.get("identity", {})
-                diffs = sorted(k for k in set(theirs) | set(identity)
-                               if theirs.get(k) != identity.get(k))
+                ours = {k: v for k, v in identity.items() if k in theirs or k != "labels"}
+                diffs = sorted(k for k in set(theirs) | set(ours)
+                               if theirs.get(k) != ours.get(k))
                 if diffs:
                     raise checkpointing.CheckpointMismatchError(
                         f"{ckpt.directory} holds a fine-tuning run with other "
@@ -262,7 +270,7 @@ def finetune_task(spec: str, data_dir: str, workdir: str, step: int,
     like the probe's: {'test_score', 'test_accuracy' | 'test_map' + 'test_auc', 'protocol',
     'best_epochs', 'epochs', 'histories' (per run: epoch, loss, valid score), 'wall_s',
     'fold_scores'?, 'task_summary'}."""
-
+    config.check_finetune(cfg)
     name, dataset = probe.resolve_task(spec, data_dir)
     plan = probe.task_splits(data_dir, dataset)
     first = data_lib.open_split(data_dir, dataset, probe.split_names(data_dir, dataset)[0])

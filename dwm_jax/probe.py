@@ -21,6 +21,8 @@ require("eval", "optax", "tensorflow_datasets", "grain")
 import json
 import os
 import re
+import sys
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -201,29 +203,51 @@ def raw_features(log_mel: np.ndarray) -> np.ndarray:
     return np.concatenate([x.mean(axis=1), x.std(axis=1)])
 
 
+def labels_of(split: data_lib.DatasetSplit) -> np.ndarray:
+    """The labels [n] (or multi-hot [n, C]) of every clip of ``split``, read from the dataset
+    (never from a cache: a relabelled rebuild keeps its audio, and so its features)."""
+    if split.multi_label:
+        return np.stack([np.asarray(split.source[i]["labels"], np.float32)
+                         for i in range(len(split))])
+    return np.asarray([int(split.source[i]["label"]) for i in range(len(split))])
+
+
+def _read_cache(path: str, n: int) -> np.ndarray | None:
+    """The cached features [n, D], or None when the file is absent, unreadable (a killed
+    write, a damaged disk) or holds another number of clips; a bad file is recomputed."""
+    try:
+        with np.load(path) as f:
+            x = f["x"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        print(f"probe: ignoring the unreadable cache file {path} ({type(e).__name__}); "
+              "recomputing it", file=sys.stderr)
+        return None
+    return x if x.ndim == 2 and len(x) == n else None
+
+
 def features_of(split: data_lib.DatasetSplit, featurise, *, cache: str | None = None,
-                desc: str = "embed"):
-    """(features [n, D], labels [n] or multi-hot [n, C]) of every clip of ``split`` through
-    ``featurise(log_mel)``, cached in ``cache`` (.npz) when given."""
-    if cache and os.path.exists(cache):
-        with np.load(cache) as f:
-            return f["x"], f["y"]
-    xs, ys = [], []
-    for i in tqdm(range(len(split)), desc=desc, unit="clip", leave=False, dynamic_ncols=True):
-        ex = split.source[i]
-        xs.append(featurise(ex["log_mel"]))
-        ys.append(np.asarray(ex["labels"], np.float32) if split.multi_label
-                  else int(ex["label"]))
-    x, y = np.stack(xs), np.asarray(ys)
+                desc: str = "embed") -> np.ndarray:
+    """The features [n, D] of every clip of ``split`` through ``featurise(log_mel)``, cached
+    in ``cache`` (.npz, written atomically) when given."""
+    if cache:
+        x = _read_cache(cache, len(split))
+        if x is not None:
+            return x
+    xs = [featurise(split.source[i]["log_mel"])
+          for i in tqdm(range(len(split)), desc=desc, unit="clip", leave=False,
+                        dynamic_ncols=True)]
+    x = np.stack(xs)
     if not np.isfinite(x).all():  # never cached, never probed: a chance score would hide it
         bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
         raise ProbeError(f"{desc}: the features of clip {bad} ({split.name}:{split.split}) "
                          "hold NaN or infinite values; are the weights finite?")
     if cache:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-        np.savez(cache + ".tmp.npz", x=x, y=y)
+        np.savez(cache + ".tmp.npz", x=x)
         os.replace(cache + ".tmp.npz", cache)
-    return x, y
+    return x
 
 
 # ---------------------------------------------------------------------------------- tasks
@@ -291,9 +315,8 @@ def evaluate_task(spec: str, data_dir: str, featurisers: dict, *, cache_dir: str
     wanted = plan.get("folds") or [s for s in (plan["train"], plan["valid"], plan["test"]) if s]
     splits = {s: data_lib.open_split(data_dir, dataset, s) for s in wanted}
     multi = some_split.multi_label
-    key = "labels" if multi else "label"
-    labels = np.concatenate([[np.asarray(s.source[i][key]) for i in range(len(s))]
-                             for s in splits.values()])
+    split_labels = {s: labels_of(split) for s, split in splits.items()}
+    labels = np.concatenate(list(split_labels.values()))
     present = int((labels.sum(0) > 0).sum()) if multi else len(np.unique(labels))
     if present < 2:
         raise ProbeError(f"task {spec!r}: all clips have one class; a probe needs two or more")
@@ -309,7 +332,8 @@ def evaluate_task(spec: str, data_dir: str, featurisers: dict, *, cache_dir: str
         for s, split in splits.items():
             cache = (os.path.join(cache_dir, cache_key, slug, f"{s}.npz")
                      if cache_dir and cache_key else None)
-            feats[s] = features_of(split, featurise, cache=cache, desc=f"{name}:{s} {fname}")
+            feats[s] = (features_of(split, featurise, cache=cache, desc=f"{name}:{s} {fname}"),
+                        split_labels[s])
         if "folds" in plan:
             accs, n_test = [], 0
             for k, test_fold in enumerate(plan["folds"]):

@@ -23,9 +23,14 @@ import dataclasses
 import json
 import os
 import re
+import zipfile
 from typing import Iterator, Mapping
 
 import numpy as np
+
+class ConversionError(ValueError):
+    """The checkpoint cannot be converted as asked (the message names the key or flag)."""
+
 
 # (their suffix, our path, transform) inside one pre-LN block.
 _BLOCK = (
@@ -45,7 +50,8 @@ def _depth(names, prefix: str) -> int:
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
     found = {int(m.group(1)) for n in names if (m := pattern.match(n))}
     if found and found != set(range(len(found))):
-        raise ValueError(f"{prefix}.N: block indices {sorted(found)} are not 0..{len(found) - 1}")
+        raise ConversionError(f"{prefix}.N: block indices {sorted(found)} are not "
+                              f"0..{len(found) - 1} (a block is missing)")
     return len(found)
 
 
@@ -159,10 +165,6 @@ def _torch_names(params: dict, target: dict | None) -> list[str]:
 
 # ------------------------------------------------------------------------------ reading files
 
-class ConversionError(ValueError):
-    """The checkpoint cannot be converted as asked (the message names the key or flag)."""
-
-
 # Key prefixes of their wrappers: DDP ('module.'), the portable runtime ('backbone.') and the
 # CLAP / M2D-AS runtime ('module.ar.runtime.backbone.'). Longest first.
 PREFIXES = ("module.ar.runtime.backbone.", "module.backbone.", "backbone.", "module.")
@@ -172,7 +174,8 @@ SKIPPED = {"audio_proj.": "CLAP's audio projection", "text_proj.": "CLAP's text 
 
 
 def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict]:
-    """-> (state_dict as float32 NumPy arrays, the training ``args`` as a dict or {}).
+    """-> (state_dict as NumPy arrays in their stored precision, the training ``args`` as a
+    dict or {}).
 
     ``.pth`` / ``.pt``: their ``{'model': state_dict, 'args': Namespace, ...}`` or a bare
     state_dict, read with ``torch.load(weights_only=True)``; ``.npz``; ``.safetensors`` (its
@@ -184,8 +187,9 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict]:
         try:
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}, {}
-        except (OSError, ValueError) as e:
-            raise ConversionError(f"{path}: not a readable .npz ({e})") from None
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            raise ConversionError(f"{path}: not a readable .npz ({type(e).__name__}: {e}); "
+                                  "is the file whole?") from None
     if ext == ".safetensors":
         try:
             from safetensors import safe_open
@@ -198,11 +202,25 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict]:
                 meta = f.metadata() or {}
         except Exception as e:
             raise ConversionError(f"{path}: not a readable .safetensors file ({e})") from None
-        return tensors, json.loads(meta["args"]) if "args" in meta else {}
+        return tensors, _json_args(meta.get("args"), path)
     if ext in (".pth", ".pt", ".bin", ".ckpt"):
         return _read_torch(path)
     raise ConversionError(f"{path}: unknown checkpoint type {ext!r}; expected .pth, .pt, .npz "
                           "or .safetensors")
+
+
+def _json_args(text: str | None, path: str) -> dict:
+    """The ``args`` a .safetensors file's metadata carries (a JSON object), or {}."""
+    if text is None:
+        return {}
+    try:
+        args = json.loads(text)
+    except ValueError as e:
+        raise ConversionError(f"{path}: its metadata 'args' is not JSON ({e})") from None
+    if not isinstance(args, dict):
+        raise ConversionError(f"{path}: its metadata 'args' is a JSON {type(args).__name__}, "
+                              "not an object of training arguments")
+    return args
 
 
 def _read_torch(path: str):
@@ -217,8 +235,9 @@ def _read_torch(path: str):
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConversionError(f"{path}: torch.load failed ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0][:300]})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConversionError(f"{path}: torch.load failed ({type(e).__name__}: {first}); "
+                              "is the file whole?") from None
     args = {}
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         args = obj.get("args") or {}
@@ -228,8 +247,21 @@ def _read_torch(path: str):
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: holds a {type(obj).__name__}, not a state_dict")
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    tensors = {k: v.detach().float().numpy() for k, v in obj.items() if torch.is_tensor(v)}
+    tensors = {k: _numpy_of(v) for k, v in obj.items() if torch.is_tensor(v)}
     return tensors, args
+
+
+def _numpy_of(tensor):
+    """A torch tensor as NumPy, half precisions kept (bfloat16 as ml_dtypes' bfloat16), so
+    that the converter can tell which precision the weights were stored in."""
+    import ml_dtypes
+    import torch
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.float().numpy().astype(ml_dtypes.bfloat16)
+    if tensor.dtype == torch.float16:
+        return tensor.numpy()
+    return tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
 
 
 def strip_prefixes(state_dict: Mapping[str, np.ndarray]) -> tuple[dict, list[str]]:
@@ -312,9 +344,36 @@ def sizes_from_name(path: str):
     return None, None, None
 
 
+_RANKS = {"linear": 2, "conv": 4, "": 1}
+
+
+def check_ranks(state_dict) -> None:
+    """Every tensor the name table knows has its rank and no empty axis (Linear weights 2,
+    the patch Conv2d 4, norms and biases 1, CLS and mask tokens and the positions 3 as
+    [1, n, D]), and ``norm_stats`` two values or more; ConversionError names the first that
+    has not."""
+    ranks = {name: _RANKS[t] for name, _, t in table(state_dict, detect_objective(state_dict))}
+    ranks.update(cls_token=3, mask_token=3, pos_embed=3, decoder_pos_embed=3)
+    for name, rank in ranks.items():
+        if name not in state_dict:
+            continue
+        shape = np.shape(state_dict[name])
+        if len(shape) != rank or 0 in shape:
+            raise ConversionError(f"tensor {name} has shape {list(shape)}; expected {rank} "
+                                  "non-empty axes")
+    if "norm_stats" in state_dict and np.size(state_dict["norm_stats"]) < 2:
+        raise ConversionError(f"tensor norm_stats holds {np.size(state_dict['norm_stats'])} "
+                              "value(s); expected the mean and the std")
+
+
 def _heads_from_args(args: dict, key: str):
     value = args.get(key)
-    return int(value) if isinstance(value, (int, np.integer)) and value > 0 else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConversionError(f"the checkpoint's args.{key} is {value!r}, not a positive "
+                              f"integer; pass --{key}")
+    return int(value)
 
 
 def infer_sizes(state_dict, *, path: str = "", args: dict | None = None,
@@ -332,8 +391,9 @@ def infer_sizes(state_dict, *, path: str = "", args: dict | None = None,
     if "patch_embed.proj.weight" not in state_dict:
         raise ConversionError("the checkpoint has no 'patch_embed.proj.weight' (is it an M2D "
                               f"or MSM-MAE ViT?); its keys start {sorted(names)[:4]}")
+    check_ranks(state_dict)
     w = np.shape(state_dict["patch_embed.proj.weight"])
-    if len(w) != 4 or w[1] != 1:
+    if len(w) != 4 or w[1] != 1 or min(w) < 1:
         raise ConversionError(f"patch_embed.proj.weight has shape {list(w)}; expected "
                               "[dim, 1, patch_h, patch_w] (one input channel)")
     dim, patch = int(w[0]), (int(w[2]), int(w[3]))
@@ -347,7 +407,8 @@ def infer_sizes(state_dict, *, path: str = "", args: dict | None = None,
     sources["heads"] = ("--num_heads" if num_heads else "args" if heads else "width / 64")
     heads = heads or max(dim // 64, 1)
     if dim % heads:
-        raise ConversionError(f"--num_heads {heads} does not divide the width {dim}")
+        raise ConversionError(f"{heads} heads (from {sources['heads']}) do not divide the "
+                              f"width {dim}; pass --num_heads")
 
     name_shape, name_patch, mask_ratio = sizes_from_name(path) if path else (None,) * 3
     arg_patch = args.get("patch_size")
@@ -396,8 +457,9 @@ def infer_sizes(state_dict, *, path: str = "", args: dict | None = None,
                                     "args" if dheads else "the authors' width per head")
         dheads = dheads or max(ddim // (32 if objective == "m2d" else 64), 1)
         if ddim % dheads:
-            raise ConversionError(f"--decoder_num_heads {dheads} does not divide the decoder "
-                                  f"width {ddim}")
+            raise ConversionError(f"{dheads} decoder heads (from {sources['decoder_heads']}) "
+                                  f"do not divide the decoder width {ddim}; pass "
+                                  "--decoder_num_heads")
         decoder = dict(dim=ddim, depth=_depth(names, "decoder_blocks"), heads=dheads,
                        mlp_ratio=dfc1[0] / ddim)
     return Sizes(objective, dim, depth, heads, mlp_ratio, patch, shape, decoder, mask_ratio,
@@ -426,7 +488,7 @@ def numpy_forward(state_dict, x: np.ndarray, num_heads: int,
     tokens = np.einsum("bfptq,dpq->bftd", patches, w[:, 0]) + sd["patch_embed.proj.bias"]
     tokens = tokens.reshape(b, -1, d)                     # frequency-major, as Conv2d + flatten
     if positions is None:
-        positions = sd["pos_embed"][0]
+        positions = sd["pos_embed"][0]  # KeyError when absent: pass ``positions``
     tokens = tokens + positions[1: tokens.shape[1] + 1]
     cls = np.broadcast_to(sd["cls_token"] + positions[:1], (b, 1, d))
     h = np.concatenate([cls, tokens], axis=1)

@@ -8,6 +8,7 @@ state_dicts, tests/data/reference/), written as the files users have: .npz, .saf
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -138,6 +139,112 @@ def test_missing_or_unknown_tensors_stop_the_conversion(tmp_path, capsys, change
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+def _truncated(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p, w: p.write_bytes(b""), r"not a readable .npz \(EOFError"),
+    (lambda p, w: (np.savez(p, **w), _truncated(p)), r"not a readable .npz \(BadZipFile"),
+    (lambda p, w: np.savez(p, **dict(w, norm_stats=np.array([1.0], np.float32))),
+     "tensor norm_stats holds 1 value"),
+    (lambda p, w: np.savez(p, **dict(w, pos_embed=w["pos_embed"][0, :, 0])),
+     r"tensor pos_embed has shape \[66\]"),
+    (lambda p, w: np.savez(p, **{k.replace("blocks.1.", "blocks.3."): v for k, v in w.items()}),
+     r"block indices \[0, 3\] are not 0..1"),
+    (lambda p, w: np.savez(p, **dict(w, **{"patch_embed.proj.weight": np.zeros(
+        (64, 1, 0, 16), np.float32)})), "patch_embed.proj.weight has shape"),
+])
+def test_malformed_files_are_one_line_errors(tmp_path, capsys, make, message):
+    """Damaged files and impossible tensors: one line naming the file or tensor, exit 2,
+    nothing written."""
+    import re
+    _, weights = _fixture("m2d")
+    make(tmp_path / "bad.npz", _encoder_only(weights))
+    assert _convert(tmp_path / "bad.npz", tmp_path / "run", *FLAGS["m2d"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("convert: ") and err.count("\n") == 1 and re.search(message, err), err
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("args,message", [
+    ("[1, 2]", "metadata 'args' is a JSON list"),
+    ("{not json", "metadata 'args' is not JSON"),
+    (json.dumps({"num_heads": "four"}), "args.num_heads is 'four', not a positive integer"),
+    (json.dumps({"num_heads": 5}), r"5 heads \(from args\) do not divide the width 64"),
+])
+def test_safetensors_args_that_cannot_be_used_are_named(tmp_path, capsys, args, message):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    _, weights = _fixture("m2d")
+    safetensors_numpy.save_file(_encoder_only(weights), str(tmp_path / "e.safetensors"),
+                                metadata={"args": args})
+    assert _convert(tmp_path / "e.safetensors", tmp_path / "run", "--input_shape",
+                    "80x208") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+
+
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_half_precision_weights_convert_and_say_so(tmp_path, precision):
+    import ml_dtypes
+    _, weights = _fixture("m2d")
+    dtype = np.float16 if precision == "float16" else ml_dtypes.bfloat16
+    half = {k: v.astype(dtype) for k, v in _encoder_only(weights).items()}
+    if precision == "bfloat16":  # NumPy cannot save bfloat16: through safetensors
+        safetensors_numpy = pytest.importorskip("safetensors.numpy")
+        path = tmp_path / "e.safetensors"
+        safetensors_numpy.save_file(half, str(path))
+    else:
+        path = tmp_path / "e.npz"
+        np.savez(path, **half)
+    assert _convert(path, tmp_path / "run", *FLAGS["m2d"][:2], "--input_shape", "80x208") == 0
+    r = json.load(open(tmp_path / "run" / "conversion.json"))
+    assert r["precision"] == precision and r["check_max_relative_diff"] < 1e-5
+    assert any(f"stored in {precision}" in n for n in r["notes"])
+
+
+def test_head_count_source_is_reported_and_contradictions_refused(tmp_path, capsys):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    _, weights = _fixture("m2d")
+    np.savez(tmp_path / "e.npz", **_encoder_only(weights))
+    assert _convert(tmp_path / "e.npz", tmp_path / "default", "--input_shape", "80x208") == 0
+    r = json.load(open(tmp_path / "default" / "conversion.json"))
+    assert r["heads"] == 1 and r["sources"]["heads"] == "width / 64"
+    assert any("cannot tell the head count" in n for n in r["notes"])
+    # their ViT-B is named in args.model: 12 heads; --num_heads 8 contradicts it
+    scale = {64: 768, 192: 2304, 256: 3072}
+    rng = np.random.default_rng(0)
+    vit_b = {k: (rng.standard_normal([scale.get(n, n) for n in v.shape]) * 0.02).astype(
+        np.float32) for k, v in _encoder_only(weights).items()
+        if k not in ("pos_embed", "norm_stats")}
+    safetensors_numpy.save_file(vit_b, str(tmp_path / "b.safetensors"),
+                                metadata={"args": json.dumps({"model": "vit_base_patch16"})})
+    assert _convert(tmp_path / "b.safetensors", tmp_path / "b8", "--input_shape", "80x208",
+                    "--num_heads", "8") == 2
+    assert "8 heads (from --num_heads) contradict the checkpoint's args.model" in (
+        capsys.readouterr().err)
+    assert _convert(tmp_path / "b.safetensors", tmp_path / "b", "--input_shape", "80x208",
+                    "--no_check") == 0
+    r = json.load(open(tmp_path / "b" / "conversion.json"))
+    assert r["heads"] == 12 and "agreeing with args.model" in r["sources"]["heads"]
+
+
+def test_a_conversion_stopped_before_its_report_is_finished_by_a_rerun(tmp_path):
+    _, weights = _fixture("m2d")
+    np.savez(tmp_path / "m2d.npz", **weights)
+    assert _convert(tmp_path / "m2d.npz", tmp_path / "run", *FLAGS["m2d"]) == 0
+    report = json.load(open(tmp_path / "run" / "conversion.json"))
+    os.remove(tmp_path / "run" / "conversion.json")         # killed just before writing it
+    assert _convert(tmp_path / "m2d.npz", tmp_path / "run", *FLAGS["m2d"]) == 0
+    again = json.load(open(tmp_path / "run" / "conversion.json"))
+    assert {k: v for k, v in again.items() if k != "seconds"} == {
+        k: v for k, v in report.items() if k != "seconds"}
+    (tmp_path / "run" / "conversion.json").write_text('{"half wri')  # a full disk
+    assert _convert(tmp_path / "m2d.npz", tmp_path / "run", *FLAGS["m2d"]) == 0
+    assert json.load(open(tmp_path / "run" / "conversion.json"))["sha256"] == report["sha256"]
+
+
 def test_input_shape_that_contradicts_the_positions(tmp_path, capsys):
     _, weights = _fixture("m2d")
     np.savez(tmp_path / "m2d.npz", **weights)
@@ -200,7 +307,8 @@ def test_sizes_from_their_folder_name_and_args():
         torch_layout.infer_sizes(sd, args=dict(patch_size=[16, 8], input_size="80x608"))
     with pytest.raises(convert.ConversionError, match="cannot tell the input size"):
         torch_layout.infer_sizes(sd)
-    with pytest.raises(convert.ConversionError, match="does not divide"):
+    with pytest.raises(convert.ConversionError,
+                       match=r"7 heads \(from --num_heads\) do not divide"):
         torch_layout.infer_sizes(sd, path=name, num_heads=7)
 
 

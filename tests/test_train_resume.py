@@ -2,6 +2,7 @@
 checkpoints from before new config fields resume, damaged checkpoints fall back to the
 newest intact one."""
 
+import glob
 import json
 import os
 import subprocess
@@ -199,7 +200,8 @@ def test_resume_refuses_another_run_and_records_accepted_changes(synthetic_small
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["bytes", "missing_file", "silent_value_change"])
+@pytest.mark.parametrize("damage", ["bytes", "missing_file", "silent_value_change",
+                                    "edited_iterator_state"])
 def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(synthetic_small, tmp_path,
                                                                    damage):
     """Flipped bytes or a lost file in the latest checkpoint: the resume names it, moves it
@@ -214,6 +216,11 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(synthetic_sma
         damage_largest_state_file(str(step8))
     elif damage == "missing_file":
         os.remove(os.path.join(step8, "meta", "metadata"))
+    elif damage == "edited_iterator_state":  # valid, but not the state saved with step 8
+        path, = glob.glob(os.path.join(step8, "data", "*.json"))
+        state = json.load(open(path))
+        state["last_seen_indices"] = {k: v - 2 for k, v in state["last_seen_indices"].items()}
+        json.dump(state, open(path, "w"))
     else:  # values that read back fine but are not what was saved: only the fingerprint knows
         path = os.path.join(step8, "meta", "metadata")
         meta = json.load(open(path))

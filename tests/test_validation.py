@@ -99,9 +99,37 @@ def test_train_cli_refuses_in_one_line_and_writes_nothing(tmp_path, override, ma
 
 
 def test_a_workdir_that_is_a_file_is_refused(tmp_path):
-    pass
     path = tmp_path / "notes.txt"
     path.write_text("keep me")
     with pytest.raises(config_lib.ConfigError, match="is a file, not a directory"):
         train_lib.train(micro_config(str(tmp_path / "no_data")), str(path), progress=False)
     assert path.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--finetune.foo=1"], "--finetune.foo: the config has no field 'foo'"),
+    (["--finetune.epochs=0"], "--finetune.epochs must be >= 1; got 0"),
+    (["--finetune.patience=0"], "--finetune.patience must be >= 1; got 0"),
+    (["--finetune.batch_size=-4"], "--finetune.batch_size must be >= 1; got -4"),
+    (["--finetune.lr=abc"], "--finetune.lr=abc"),
+    (["--step=abc"], "--step=abc"),
+    (["--bogus=1"], "Unknown command line flag 'bogus'"),
+])
+def test_eval_cli_refuses_bad_flags_in_one_line_and_writes_nothing(tmp_path, args, match):
+    workdir = tmp_path / "w"
+    res = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", "--mode=both",
+                          *args], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("eval.py: error:"), res.stderr[-2000:]
+    assert match in lines[0]
+    assert not workdir.exists()
+
+
+def test_the_finetune_recipe_is_the_schema_and_checked_like_training():
+    recipe = config_lib.finetune_base()
+    config_lib.check_finetune(recipe)
+    assert set(recipe) == {f.path for f in config_lib.FINETUNE_FIELDS}
+    recipe.mixup = float("nan")
+    with pytest.raises(config_lib.ConfigError, match="--finetune.mixup must be a finite"):
+        config_lib.check_finetune(recipe)

@@ -31,8 +31,11 @@ import os
 import signal
 import sys
 
-from dwm_jax import audio
+from dwm_jax import audio, cli
 from dwm_jax.data import builders
+
+
+PROG = "python -m dwm_jax.data"
 
 
 def _exit_interrupted(signum, frame):
@@ -42,7 +45,7 @@ def _exit_interrupted(signum, frame):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dwm_jax.data", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("builder", choices=sorted(builders.BUILDERS))
     p.add_argument("--data_dir", required=True, help="where datasets are stored")
@@ -98,8 +101,9 @@ def main(argv=None) -> int:
                                     overwrite=args.overwrite, workers=args.workers,
                                     beam_options=args.beam_options)
     except (builders.BuildError, audio.AudioLoadError, ValueError) as e:  # one line, no trace
-        print(f"python -m dwm_jax.data: error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(PROG, str(e))
+    except cli.FILE_ERRORS as e:  # a read-only data_dir, an unreadable list, a file for a dir
+        return cli.fail(PROG, cli.describe_os_error(e))
     splits = {k: v.num_examples for k, v in ds_builder.info.splits.items()}
     print(f"built {ds_builder.data_dir}: {splits}")
     return 0
