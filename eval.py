@@ -158,6 +158,8 @@ def main(argv):
         if _MODE.value in ("finetune", "both"):
             config.check_finetune(_FINETUNE.value)
         tasks = suite_tasks.task_specs(",".join(_TASKS.value))
+        if not tasks:
+            return cli.fail("eval.py", "--tasks names no task (e.g. --tasks=synthetic_sounds)")
         step, meta, encoder = _open_run(workdir, _STEP.value)
         data_dir = _DATA_DIR.value or meta["config"]["data"]["data_dir"]
         _check_writable(out_dir)

@@ -92,6 +92,9 @@ def _existing(workdir: str, sha256: str, options: dict) -> dict | None:
         if step is None:
             return None
         meta = ckpt.read_meta(step)
+    except checkpointing.CheckpointDamagedError as e:
+        raise ConversionError(f"--workdir {workdir} holds a damaged checkpoint ({e}); remove "
+                              "it or choose another workdir") from None
     finally:
         ckpt.close()
     done = meta.get("converted_from")

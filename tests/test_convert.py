@@ -243,6 +243,8 @@ def test_a_conversion_stopped_before_its_report_is_finished_by_a_rerun(tmp_path)
     (tmp_path / "run" / "conversion.json").write_text('{"half wri')  # a full disk
     assert _convert(tmp_path / "m2d.npz", tmp_path / "run", *FLAGS["m2d"]) == 0
     assert json.load(open(tmp_path / "run" / "conversion.json"))["sha256"] == report["sha256"]
+    os.remove(tmp_path / "run" / "checkpoints" / "0" / "meta" / "metadata")  # damaged since
+    assert _convert(tmp_path / "m2d.npz", tmp_path / "run", *FLAGS["m2d"]) == 2
 
 
 def test_input_shape_that_contradicts_the_positions(tmp_path, capsys):

@@ -386,6 +386,32 @@ def test_leftovers_of_a_killed_build_are_cleaned_up(folder, tmp_path):
     os.makedirs(os.path.join(config_dir, "incomplete.ABC123_1.1.0"))
     version = os.path.basename(good.data_dir)   # killed between the two renames of a rebuild
     os.replace(good.data_dir, os.path.join(config_dir, ".old-" + version))
-    _build(tmp_path, "pets", audio_dir=str(folder / "clips"), csv_path=str(folder / "good.csv"))
+    restored = _build(tmp_path, "pets", audio_dir=str(folder / "clips"),
+                      csv_path=str(folder / "good.csv"))
+    assert {k: v.num_examples for k, v in restored.info.splits.items()} == {
+        k: v.num_examples for k, v in good.info.splits.items()}   # reported as it is
     assert os.listdir(config_dir) == [version]
     assert len(data.open_split(str(tmp_path / "data"), "audio_folder/pets", "train")) == 3
+
+
+@pytest.mark.parametrize("error", [
+    PermissionError(13, "Permission denied", "/srv/data/audio_folder"),
+    NotADirectoryError(20, "Not a directory", "/srv/data/.locks"),
+])
+def test_file_system_refusals_are_one_line_in_the_cli(monkeypatch, capsys, error):
+    from dwm_jax.data import cli
+
+    def refuse(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(builders, "build", refuse)
+    assert cli.main(["synthetic_sounds", "--data_dir", "/srv/data"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"python -m dwm_jax.data: error: {error.filename}: {error.strerror}"]
+
+
+def test_a_csv_that_is_not_utf8_is_named_with_its_line(folder, tmp_path):
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes("filename,label\nfile_1.wav,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(data.BuildError, match=r"latin1.csv:2: not UTF-8 text"):
+        data.build("audio_folder", str(tmp_path / "data"), config=data.audio_folder_config(
+            "latin", audio_dir=str(folder / "clips"), csv_path=str(bad)))

@@ -215,3 +215,27 @@ def test_cli_preset_with_a_split_file_elsewhere_and_its_errors(tmp_path, capsys)
     assert len(err) == 1 and "iden_split.txt" in err[0] and "--split_file" in err[0]
     assert build_cli.main(args + ["--split_file", str(split)]) == 0
     assert "'test': 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("reader,make,message", [
+    ("voxceleb1", lambda root: _text(str(root / "list.txt"), ["12 id1/v/1.wav"]),
+     r"list.txt:1: expected '<1\|2\|3>"),
+    ("voxceleb1", lambda root: (root.mkdir(), (root / "list.txt").write_bytes(b"1 id\xff/v/1.wav\n")),
+     r"list.txt: not UTF-8 text"),
+    ("nsynth", lambda root: [_text(str(root / f"nsynth-{s}" / "examples.json"), ["[1, 2]"])
+                             for s in ("train", "valid", "test")],
+     r"examples.json: a JSON list"),
+    ("nsynth", lambda root: [_text(str(root / f"nsynth-{s}" / "examples.json"), [json.dumps(
+        {"n1": {"instrument_family_str": 3}})]) for s in ("train", "valid", "test")],
+     r"note 'n1' has no instrument_family_str string \(got 3\)"),
+    ("surge", lambda root: _text(str(root / "list.txt"), ["tone,split", "Bass-1", "Pad,test"]),
+     r"list.txt:2: no value in column\(s\) \['split'\]"),
+    ("crema_d", lambda root: _text(str(root / "list.txt"), ["file_name,split", ",train"]),
+     r"list.txt:2: no value in column\(s\) \['file_name'\]"),
+])
+def test_layout_readers_name_the_file_and_row_of_a_bad_list(tmp_path, reader, make, message):
+    from dwm_jax.data import layouts
+    root = tmp_path / "root"
+    make(root)
+    with pytest.raises(layouts.LayoutError, match=message):
+        layouts.READERS[reader](str(root), str(root / "list.txt"))

@@ -187,6 +187,24 @@ def test_eval_errors_are_clear(synthetic_small, trained_run, tmp_path):
     assert res.returncode == 2 and "not built" in res.stderr
 
 
+def test_results_that_cannot_be_written_fail_before_any_feature(synthetic_small, _micro_run,
+                                                                tmp_path):
+    """RUN/eval unwritable (here a file where the folder belongs; a read-only workdir is
+    the same error path): one line, exit 2, and nothing computed first."""
+    import shutil
+    run = str(tmp_path / "run")
+    shutil.copytree(_micro_run, run)
+    with open(os.path.join(run, "eval"), "w") as f:
+        f.write("not a folder")
+    res = subprocess.run([sys.executable, "eval.py", f"--workdir={run}",
+                          f"--data_dir={synthetic_small[0]}"], capture_output=True, text=True,
+                         cwd=REPO)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("eval.py: error:") and "eval" in lines[0]
+    assert "embed" not in res.stderr   # no progress bar: no feature was computed
+
+
 def test_unlabelled_and_one_class_tasks_are_refused(tmp_path):
     import soundfile
     clips = tmp_path / "clips"

@@ -133,3 +133,12 @@ def test_the_finetune_recipe_is_the_schema_and_checked_like_training():
     recipe.mixup = float("nan")
     with pytest.raises(config_lib.ConfigError, match="--finetune.mixup must be a finite"):
         config_lib.check_finetune(recipe)
+
+
+def test_a_bad_init_from_leaves_no_workdir_behind(synthetic_small, tmp_path):
+    (tmp_path / "empty_run").mkdir()
+    for source in (tmp_path / "nowhere", tmp_path / "empty_run"):
+        cfg = micro_config(synthetic_small[0], init_from=str(source))
+        with pytest.raises(train_lib.USER_ERRORS, match="no checkpoints there"):
+            train_lib.train(cfg, str(tmp_path / "w"), progress=False)
+        assert not (tmp_path / "w").exists()

@@ -342,6 +342,7 @@ class AudioFolder(_LogMelBuilder):
             return [Row(p, p, None, "train") for p in paths]
         if not os.path.isfile(cfg.csv):
             raise BuildError(f"audio_folder/{cfg.name}: CSV file {cfg.csv!r} does not exist")
+        _check_utf8(cfg.csv)
         with open(cfg.csv, newline="", encoding="utf-8-sig") as f:  # a BOM is not a name
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
@@ -485,6 +486,17 @@ class AudioFolder(_LogMelBuilder):
 
 # ------------------------------------------------------------------------------- building
 
+def _check_utf8(path: str) -> None:
+    """BuildError naming the file and line when a table is not UTF-8 text."""
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BuildError(f"{path}:{line}: not UTF-8 text (byte {e.start} of the line "
+                                 "cannot be decoded); save the table as UTF-8") from None
+
+
 def _remove_unfinished(config_dir: str):
     """Removes the ``incomplete.*`` folders a killed build of this dataset left behind (TFDS
     writes there and renames when done; a second build of the same dataset at the same time
@@ -581,6 +593,8 @@ def _build_locked(builder: str, ds_builder, data_dir: str, config, overwrite: bo
     """build() once the lock is held: reuse, check the stored settings, or (re)build."""
     cls = BUILDERS[builder]
     _remove_unfinished(os.path.dirname(ds_builder.data_dir))
+    # anew: a dataset restored just now must be read from its folder, not the empty one seen
+    ds_builder = cls(data_dir=data_dir, config=config, file_format="array_record")
     meta_path = os.path.join(ds_builder.data_dir, "metadata.json")
     if os.path.exists(meta_path) and not overwrite:
         with open(meta_path) as f:

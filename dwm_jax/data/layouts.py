@@ -25,6 +25,7 @@ surge         none official; EVAR's evar/predefined/dataset_surge_tone_splits.cs
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -62,23 +63,39 @@ def _audio_files(top: str, depth: int) -> list[str]:
     return out
 
 
-def _lines(path: str, what: str) -> list[tuple[int, str]]:
+@contextlib.contextmanager
+def _reading(path: str, what: str, **open_kw):
+    """Opens a list or table as UTF-8 text; LayoutError naming the file when it is absent
+    or not UTF-8."""
     if not os.path.isfile(path):
         raise LayoutError(f"{path} does not exist ({what})")
-    with open(path, encoding="utf-8-sig") as f:
+    try:
+        with open(path, encoding="utf-8-sig", **open_kw) as f:
+            yield f
+    except UnicodeDecodeError as e:
+        raise LayoutError(f"{path}: not UTF-8 text ({what}): byte {e.start} cannot be "
+                          "decoded") from None
+
+
+def _lines(path: str, what: str) -> list[tuple[int, str]]:
+    with _reading(path, what) as f:
         return [(n, line.strip()) for n, line in enumerate(f, start=1) if line.strip()]
 
 
 def _csv_rows(path: str, what: str, columns: tuple[str, ...]):
-    if not os.path.isfile(path):
-        raise LayoutError(f"{path} does not exist ({what})")
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    """(line number, row) of a CSV whose rows all have a value in each of ``columns``."""
+    with _reading(path, what, newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
             raise LayoutError(f"{path}: no column(s) {missing} ({what}); the header is "
                               f"{reader.fieldnames}")
-        return [(n, rec) for n, rec in enumerate(reader, start=2)]
+        rows = list(enumerate(reader, start=2))
+    for n, rec in rows:
+        empty = [c for c in columns if not (rec.get(c) or "").strip()]
+        if empty:
+            raise LayoutError(f"{path}:{n}: no value in column(s) {empty} ({what})")
+    return rows
 
 
 def speech_commands(audio_dir: str, split_file: str = "") -> list[Entry]:
@@ -106,7 +123,7 @@ def voxceleb1(audio_dir: str, split_file: str) -> list[Entry]:
     entries = []
     for n, line in _lines(split_file, "VoxCeleb1's iden_split.txt"):
         parts = line.split()
-        if len(parts) != 2 or parts[0] not in "123" or parts[1].count("/") != 2:
+        if len(parts) != 2 or parts[0] not in ("1", "2", "3") or parts[1].count("/") != 2:
             raise LayoutError(f"{split_file}:{n}: expected '<1|2|3> <speaker>/<video>/"
                               f"<utterance>.wav'; got {line!r}")
         split = {"1": "train", "2": "valid", "3": "test"}[parts[0]]
@@ -177,17 +194,22 @@ def nsynth(audio_dir: str, split_file: str = "") -> list[Entry]:
         path = os.path.join(audio_dir, f"nsynth-{split}", "examples.json")
         if not os.path.isfile(path):
             raise LayoutError(f"{path} does not exist (NSynth's {split} metadata)")
-        with open(path) as f:
+        with _reading(path, f"NSynth's {split} metadata") as f:
             try:
                 notes = json.load(f)
             except json.JSONDecodeError as e:
                 raise LayoutError(f"{path}: not JSON ({e})") from None
+        if not isinstance(notes, dict):
+            raise LayoutError(f"{path}: a JSON {type(notes).__name__}; NSynth's examples.json "
+                              "is an object of notes")
         for note, fields in sorted(notes.items()):
-            if not isinstance(fields, dict) or "instrument_family_str" not in fields:
-                raise LayoutError(f"{path}: note {note!r} has no instrument_family_str")
+            family = fields.get("instrument_family_str") if isinstance(fields, dict) else None
+            if not isinstance(family, str) or not family:
+                raise LayoutError(f"{path}: note {note!r} has no instrument_family_str "
+                                  f"string (got {family!r})")
             entries.append(Entry(f"{path}: {note}",
                                  os.path.join(f"nsynth-{split}", "audio", f"{note}.wav"),
-                                 fields["instrument_family_str"], split))
+                                 family, split))
     return entries
 
 

@@ -65,8 +65,19 @@ def _workdir_lock(workdir: str):
         with locks.exclusive(os.path.join(workdir, LOCK_FILE), "a training run", workdir):
             yield
     finally:
-        if created and os.path.isdir(workdir) and set(os.listdir(workdir)) <= {LOCK_FILE}:
+        if created and _nothing_written(workdir):
             shutil.rmtree(workdir)
+
+
+def _nothing_written(workdir: str) -> bool:
+    """No file in ``workdir`` but the lock (empty folders, e.g. a Checkpointer's, count as
+    nothing)."""
+    if not os.path.isdir(workdir):
+        return False
+    for folder, _, files in os.walk(workdir):
+        if any(not (folder == workdir and f == LOCK_FILE) for f in files):
+            return False
+    return True
 
 
 def _train(cfg, workdir: str, progress: bool) -> dict:
