@@ -132,7 +132,7 @@ def convert(path: str, workdir: str, *, num_heads=None, decoder_num_heads=None,
                         decoder_num_heads=decoder_num_heads, input_shape=input_shape)
     _note_heads(sizes, args, notes)
     _check_grid(state_dict, sizes, POSITION_TOLERANCE[precision])
-    stats, stats_from = _norm_stats(state_dict, sizes, norm_stats, notes)
+    stats, stats_from = _norm_stats(state_dict, sizes, norm_stats, notes, args)
     cfg = converted_config(sizes)
     state = _converted_state(state_dict, sizes, cfg, notes)
     check_diff = _check_encoder(state_dict, state, sizes, cfg, precision) if check else None
@@ -229,10 +229,15 @@ def _check_grid(state_dict, sizes: Sizes, atol: float):
                               f"from {sizes.sources['input_shape']})") from None
 
 
-def _norm_stats(state_dict, sizes: Sizes, given, notes: list) -> tuple[tuple, str]:
-    """(mean, std) and where they came from: the flag, the checkpoint or their fallback."""
+def _norm_stats(state_dict, sizes: Sizes, given, notes: list, args: dict) -> tuple[tuple, str]:
+    """(mean, std) and where they came from: the flag, the checkpoint (its ``args`` at full
+    precision where they round to its float32 tensor, as our exports write them) or their
+    fallback."""
     if given is not None:
         stats, stats_from = tuple(map(float, given)), "--norm_stats"
+    elif "norm_stats" in state_dict and _args_stats(args, state_dict["norm_stats"]):
+        stats = _args_stats(args, state_dict["norm_stats"])
+        stats_from = "the checkpoint's norm_stats (args.norm_stats, full precision)"
     elif "norm_stats" in state_dict:
         stats = tuple(float(v) for v in np.asarray(state_dict["norm_stats"]).ravel()[:2])
         stats_from = "the checkpoint's norm_stats"
@@ -247,6 +252,17 @@ def _norm_stats(state_dict, sizes: Sizes, given, notes: list) -> tuple[tuple, st
         raise ConversionError(f"normalisation statistics {stats} ({stats_from}) are not a "
                               "finite mean and a positive std")
     return stats, stats_from
+
+
+def _args_stats(args: dict, tensor) -> tuple | None:
+    """``args['norm_stats']`` when it is two numbers that round to ``tensor``'s first two."""
+    found = args.get("norm_stats")
+    if (not isinstance(found, (list, tuple)) or len(found) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in found)):
+        return None
+    rounded = np.asarray(found, np.float32)
+    return tuple(map(float, found)) if np.array_equal(
+        rounded, np.asarray(tensor, np.float32).ravel()[:2]) else None
 
 
 def _converted_state(state_dict, sizes: Sizes, cfg, notes: list) -> dict:

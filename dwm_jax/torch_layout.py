@@ -340,7 +340,8 @@ def sizes_from_name(path: str):
         if m:
             f, t, ph, pw = map(int, m.groups())
             r = re.search(r"-mr(\d+)(?:-|$|\.)", part)
-            return (f, t), (ph, pw), (int(r.group(1)) / 10 if r else None)
+            # the digits after '0.': mr7 is 0.7 (M2D), mr75 0.75 (MSM-MAE)
+            return (f, t), (ph, pw), (float(f"0.{r.group(1)}") if r else None)
     return None, None, None
 
 

@@ -290,6 +290,8 @@ def test_a_workdir_holding_something_else_is_refused(tmp_path, capsys, synthetic
 def test_sizes_from_their_folder_name_and_args():
     name = "/x/m2d_vit_base-80x608p16x16-221006-mr7/checkpoint-300.pth"
     assert torch_layout.sizes_from_name(name) == ((80, 608), (16, 16), 0.7)
+    assert torch_layout.sizes_from_name(
+        "/x/msm_mae_vit_base-80x608p16x16-220924-mr75/checkpoint-300.pth")[2] == 0.75
     assert torch_layout.sizes_from_name("/x/m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025/c.pth") \
         == ((80, 1001), (16, 16), None)
     assert torch_layout.sizes_from_name("/x/run/checkpoint.pth") == (None, None, None)

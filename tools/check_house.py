@@ -23,7 +23,7 @@ MAX_FUNCTION_LINES = 120
 
 CORE = ("_extras", "errors", "normalisation", "masking", "models", "objectives", "config",
         "build", "checkpointing", "weights", "sharding", "profiling", "audio",
-        "torch_layout", "locks", "cli")
+        "torch_layout", "locks", "cli", "serving")
 # layer -> (its modules, by first component under dwm_jax; the layers it may import)
 LAYERS = {
     "masking": (("masking",), ()),
@@ -31,7 +31,7 @@ LAYERS = {
     "data": (("data",), ("core", "data")),
     "train": (("train",), ("core", "data", "train")),
     "eval": (("embedding", "probe", "finetune"), ("core", "data", "eval")),
-    "convert": (("convert",), ("core", "convert")),
+    "convert": (("convert", "export"), ("core", "convert")),
     "plots": (("plots",), ("core", "plots")),
     "suite": (("suite",), ("core", "data", "eval", "suite")),
     "study": (("study",), ("core", "data", "train", "eval", "suite", "study")),

@@ -248,8 +248,8 @@ class Encoder(nnx.Module):
             raise ValueError(f"encoder expects input [B, {f}, {t}] (or a shorter multiple of "
                              f"{pw} frames); got {x.shape}")
         tokens = self.patch_embed(masking.patchify(x.astype(self.dtype), self.patch_size))
-        pos = sincos_2d(self.size.dim, self.grid).reshape(self.grid[0], self.grid[1], -1)
-        pos = pos[:, : x.shape[2] // pw].reshape(-1, self.size.dim)
+        pos = jnp.asarray(sincos_2d(self.size.dim, self.grid)).reshape(*self.grid, -1)
+        pos = pos[:, : x.shape[2] // pw].reshape(-1, self.size.dim)  # symbolic widths too
         return tokens + pos.astype(self.dtype)
 
     def __call__(self, x, ids_keep=None):

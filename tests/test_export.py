@@ -1,0 +1,152 @@
+"""Export to the authors' layout (python -m dwm_jax.export), the model card and the serialised
+encoder: the reference fixtures' tensors come back exactly, and a run trained here exports
+and converts back bit for bit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dwm_jax import convert, export, serving, torch_layout, weights
+from dwm_jax.embedding import Embedder
+from dwm_jax.models import vit
+from tests.helpers import micro_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REF = os.path.join(REPO, "tests", "data", "reference")
+FLAGS = {"m2d": ["--num_heads", "4", "--decoder_num_heads", "4", "--input_shape", "80x208"],
+         "msm_mae": ["--num_heads", "4", "--decoder_num_heads", "2", "--input_shape", "80x208"]}
+FORMATS = ["safetensors", "npz", "pth"]
+
+
+def _fixture_weights(objective):
+    z = np.load(os.path.join(REF, f"{objective}_reference.npz"))
+    return {k[len("weights/"):]: z[k] for k in z.files if k.startswith("weights/")}
+
+
+def _needs(fmt):
+    if fmt == "pth":
+        pytest.importorskip("torch", reason=".pth needs PyTorch ('make test' installs it "
+                            "where a local CPU wheel exists)")
+    if fmt == "safetensors":
+        pytest.importorskip("safetensors")
+
+
+def _leaves(tree):
+    """{path: array} in the per-layer layout, whichever layout the tree has."""
+    tree = export._int_keys(vit.unstack_layers(jax.device_get(tree)))
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
+
+
+def _assert_same_weights(a: weights.Weights, b: weights.Weights, stats_exact=True):
+    for part in ("params", "target"):
+        ours, theirs = _leaves(getattr(a, part)), _leaves(getattr(b, part))
+        assert ours.keys() == theirs.keys()
+        for k in ours:
+            assert ours[k].dtype == theirs[k].dtype and np.array_equal(ours[k], theirs[k]), k
+    if stats_exact:
+        assert a.norm_stats == b.norm_stats
+    else:  # an .npz holds them only as their float32 tensor
+        assert np.float32(a.norm_stats.mean) == b.norm_stats.mean
+        assert np.float32(a.norm_stats.std) == b.norm_stats.std
+
+
+@pytest.mark.parametrize("objective", ["m2d", "msm_mae"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_converted_fixture_exports_to_exactly_its_tensors(tmp_path, objective, fmt):
+    _needs(fmt)
+    theirs = _fixture_weights(objective)
+    np.savez(tmp_path / "theirs.npz", **theirs)
+    assert convert.main([str(tmp_path / "theirs.npz"), "--workdir", str(tmp_path / "conv"),
+                         *FLAGS[objective]]) == 0
+    card = export.export(str(tmp_path / "conv"), str(tmp_path / "out"), fmt=fmt)
+    back, args = torch_layout.read_checkpoint(card["path"])
+    assert sorted(back) == sorted(theirs)
+    for name, value in theirs.items():
+        assert back[name].dtype == np.float32 and back[name].shape == value.shape, name
+        assert np.array_equal(back[name], value), name
+    if fmt != "npz":
+        assert (args["num_heads"], args["input_size"], args["patch_size"]) == (
+            4, [80, 208], [16, 16])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_run_trained_here_exports_and_converts_back_bit_for_bit(trained_run, tmp_path, fmt):
+    _needs(fmt)
+    card = export.export(trained_run, str(tmp_path / "out"), fmt=fmt,
+                         authors_folder="m2d_dwm_micro")
+    folder = os.path.basename(os.path.dirname(card["path"]))
+    assert folder == "m2d_dwm_micro-80x64p16x16-mr75"     # their folder convention
+    heads = [] if fmt != "npz" else ["--num_heads", "2", "--decoder_num_heads", "2"]
+    assert convert.main([card["path"], "--workdir", str(tmp_path / "back"), *heads]) == 0
+    _assert_same_weights(weights.read_weights(trained_run), weights.read_weights(
+        str(tmp_path / "back")), stats_exact=fmt != "npz")
+    report = json.load(open(tmp_path / "back" / "conversion.json"))
+    assert report["input_shape"] == [80, 64] and report["mask_ratio"] == 0.75
+    assert report["sources"]["input_shape"] == ("the folder name" if fmt == "npz"
+                                                else "args.input_size")
+
+
+def test_an_m2d_run_with_scanned_layers_exports_its_target_too(synthetic_small, tmp_path):
+    from dwm_jax import train
+    pytest.importorskip("safetensors")
+    run = str(tmp_path / "run")
+    train.train(micro_config(synthetic_small[0], "m2d", "dispersion", total_steps=2,
+                             **{"model.scan_layers": True}), run, progress=False)
+    card = export.export(run, str(tmp_path / "out"), fmt="safetensors")
+    names, _ = torch_layout.read_checkpoint(card["path"])
+    assert {"target_blocks.1.mlp.fc2.bias", "target_norm.weight", "decoder_pred.weight",
+            "decoder_pos_embed", "norm_stats"} <= set(names)
+    assert convert.main([card["path"], "--workdir", str(tmp_path / "back")]) == 0
+    _assert_same_weights(weights.read_weights(run), weights.read_weights(
+        str(tmp_path / "back")))
+
+
+def test_the_model_card_says_how_to_use_the_file(trained_run, tmp_path):
+    with open(os.path.join(trained_run, "probe.json"), "w") as f:
+        json.dump(dict(test_accuracy=0.5, chance=0.1, dataset="synthetic_sounds/small"), f)
+    card = export.export(trained_run, str(tmp_path / "out"), fmt="npz")
+    stored = json.load(open(tmp_path / "out" / "model_card.json"))
+    assert stored["file"] == "checkpoint-4.npz" and stored["objective"] == "msm_mae"
+    w = weights.read_weights(trained_run)
+    assert stored["normalisation"]["mean"] == w.norm_stats.mean
+    assert stored["frontend"]["sample_rate"] == 16000 and stored["frontend"]["n_mels"] == 80
+    assert stored["frontend"]["source"] == "the training dataset's metadata"
+    assert stored["patch_size"] == [16, 16] and stored["input"]["frames"] == 64
+    assert stored["masking"]["name"] == "random" and stored["training"]["step"] == 4
+    assert stored["training"]["dataset"]["fingerprint"]
+    assert stored["results"]["probe.json"]["test_accuracy"] == 0.5
+    text = open(tmp_path / "out" / "model_card.md").read()
+    assert "accuracy 0.500 (chance 0.100)" in text and "16000 Hz" in text
+    assert card["heads"] == 2
+
+
+def test_the_serialised_encoder_equals_the_embedder(trained_run, tmp_path):
+    path = serving.save(trained_run, str(tmp_path))
+    side = json.load(open(path + ".json"))
+    assert set(side["platforms"]) == {"cpu", "cuda", "tpu"}
+    features = serving.load(path)
+    emb = Embedder.from_workdir(trained_run)
+    rng = np.random.default_rng(0)
+    for frames in (64, 48, 16):          # the full width and shorter last chunks
+        log_mel = (rng.standard_normal((80, frames)) * 3 - 8).astype(np.float32)
+        x = (log_mel - side["norm_stats"]["mean"]) / side["norm_stats"]["std"]
+        for batch in (1, 3):
+            got = np.asarray(features(np.repeat(x[None], batch, axis=0)))
+            want = emb.time_features(log_mel)
+            assert got.shape == (batch, frames // 16, side["feature_size"])
+            scale = np.abs(want).max()
+            assert np.abs(got - want[None]).max() <= 1e-5 * scale
+
+
+def test_export_cli_errors_are_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "dwm_jax.export", str(tmp_path / "none"),
+                          str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"python -m dwm_jax.export: error: {tmp_path / 'none'}: no checkpoints there")
+    assert not (tmp_path / "out").exists()
