@@ -22,13 +22,16 @@ demo: $(STAMP)
 figures: $(STAMP)
 	$(PY) -m dwm_jax.plots --outdir docs/figures
 
-# The .pth tests of the converter need PyTorch: installed from this machine's disk when a
-# CPU build lies there (pip's find-links); elsewhere they are skipped, saying so.
+# The .pth and HEAR tests need PyTorch: installed from this machine's disk when a CPU build
+# lies there (pip's find-links); elsewhere they are skipped, saying so. hearvalidator comes
+# without its tensorflow requirement (the HEAR test stands in for its tf.Module check).
 TORCH_STAMP := $(VENV)/.torch
 $(TORCH_STAMP): $(STAMP)
 	if $(PY) -m pip install -q --no-deps --no-index torch==2.13.0 >/dev/null 2>&1; \
 	    then $(PY) -m pip install -q torch==2.13.0; \
-	else echo "no local PyTorch CPU wheel: the .pth converter tests will be skipped"; fi
+	else echo "no local PyTorch CPU wheel: the .pth converter and HEAR tests will be skipped"; fi
+	$(PY) -m pip install -q --no-deps hearvalidator==2021.0.2 || \
+	    echo "hearvalidator could not be installed: its rules are checked by tests/test_hear.py"
 	touch $(TORCH_STAMP)
 
 # Apache Beam for the parallel dataset builds (an optional extra: demo does not need it)

@@ -44,6 +44,8 @@ from dwm_jax.normalisation import NormStats
 # Part of every embedding cache key: bump it when the features that given weights produce
 # change. 2: the authors' positions and runtime chunking.
 FEATURE_VERSION = 2
+# Encoder windows per call: a 20-minute clip is 200 windows of 6 s, run in groups of this.
+MAX_WINDOWS = 32
 # How a clip's time steps [T', D] become one vector: the authors' mean, or mean and std.
 POOLINGS = ("mean", "mean_std")
 
@@ -125,12 +127,15 @@ class Embedder:
         x = np.pad(x, ((0, 0), (0, -length % self.patch_w)))   # zeros: the normalised mean
         full, rest = divmod(x.shape[1], self.frames)
         parts = []
-        if full:  # whole chunks in one call, padded to a power-of-two count: few compilations
-            windows = np.zeros((_bucket(full), self.n_mels, self.frames), np.float32)
-            windows[:full] = x[:, : full * self.frames].reshape(
-                self.n_mels, full, self.frames).transpose(1, 0, 2)
+        # whole chunks, at most MAX_WINDOWS per call (memory stays flat for any length),
+        # padded to a power-of-two count: few compilations
+        for first in range(0, full, MAX_WINDOWS):
+            n = min(MAX_WINDOWS, full - first)
+            windows = np.zeros((_bucket(n), self.n_mels, self.frames), np.float32)
+            windows[:n] = x[:, first * self.frames:(first + n) * self.frames].reshape(
+                self.n_mels, n, self.frames).transpose(1, 0, 2)
             steps = np.asarray(self._chunks_fn(params, jnp.asarray(windows)))
-            parts.append(steps[:full].reshape(-1, self.dim))
+            parts.append(steps[:n].reshape(-1, self.dim))
         if rest:  # the shorter last chunk, with its own (truncated) positions
             last = jnp.asarray(x[None, :, full * self.frames:])
             parts.append(np.asarray(self._chunks_fn(params, last))[0])

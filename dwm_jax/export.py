@@ -20,6 +20,10 @@ converter: ``python -m dwm_jax.convert`` reads every exported file back bit for 
 
 from __future__ import annotations
 
+from dwm_jax._extras import require
+
+require("export", "flax", "orbax", "flatbuffers")
+
 import argparse
 import dataclasses
 import json

@@ -15,6 +15,10 @@ constants inside the program. Reloading needs only ``jax``: ``jax.export.deseria
 
 from __future__ import annotations
 
+from dwm_jax._extras import require
+
+require("export", "flax", "orbax", "flatbuffers")
+
 import json
 import os
 

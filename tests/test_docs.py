@@ -43,6 +43,21 @@ def test_the_data_and_embedding_snippets_run(synthetic_small, trained_run, tmp_p
             exec(compile(block, path, "exec"), {})
 
 
+@pytest.mark.slow
+def test_the_export_guide_runs(trained_run, tmp_path, monkeypatch):
+    """docs/guides/export.md on a trained run named ``workdirs/demo`` (its HEAR snippet needs
+    PyTorch, as the API does)."""
+    pytest.importorskip("torch", reason="the HEAR snippet needs PyTorch")
+    (tmp_path / "workdirs").mkdir()
+    os.symlink(trained_run, tmp_path / "workdirs" / "demo")
+    monkeypatch.chdir(tmp_path)
+    blocks = snippets("docs/guides/export.md")
+    assert len(blocks) == 3
+    for block in blocks:
+        exec(compile(block, "docs/guides/export.md", "exec"), {})
+    assert (tmp_path / "exported" / "demo" / "model_card.md").exists()
+
+
 def test_readme_is_a_front_door():
     assert len(open(os.path.join(REPO, "README.md")).read().splitlines()) <= 300
 

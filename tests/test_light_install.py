@@ -44,7 +44,8 @@ def test_core_install_masks_and_names_missing_extras(tmp_path):
     assert res.returncode == 0 and "mask ok" in res.stdout, res.stderr[-3000:]
     for module, extra in [("dwm_jax.data", "data"), ("dwm_jax.train", "train"),
                           ("dwm_jax.embedding", "eval"), ("dwm_jax.audio", "audio"),
-                          ("dwm_jax.plots", "plots")]:
+                          ("dwm_jax.plots", "plots"), ("dwm_jax.serving", "export"),
+                          ("dwm_jax.export", "export"), ("dwm_jax.hear", "hear")]:
         res = subprocess.run([py, "-c", f"import {module}"], capture_output=True, text=True,
                              cwd=tmp_path)
         last = res.stderr.strip().splitlines()[-1]

@@ -31,6 +31,7 @@ LAYERS = {
     "data": (("data",), ("core", "data")),
     "train": (("train",), ("core", "data", "train")),
     "eval": (("embedding", "probe", "finetune"), ("core", "data", "eval")),
+    "hear": (("hear",), ("core", "eval", "hear")),
     "convert": (("convert", "export"), ("core", "convert")),
     "plots": (("plots",), ("core", "plots")),
     "suite": (("suite",), ("core", "data", "eval", "suite")),
