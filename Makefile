@@ -52,6 +52,17 @@ $(DEBS_STAMP): $(STAMP)
 	  || echo "could not install $(DEBS): the suite's tests will be skipped"; fi
 	touch $(DEBS_STAMP)
 
+# ONNX export for its tests: jax2onnx pins an older Orbax than this package's, so it and
+# what it imports are installed without their requirements (they work with ours)
+ONNX_PKGS := jax2onnx==0.17.1 onnx==1.23.2 onnx-ir==1.1.0 onnxruntime==1.32.0 \
+	dm-pix==0.4.5 equinox==0.13.8 jaxtyping==0.3.11 wadler-lindig==0.1.8 chex==0.1.92 \
+	toolz==1.2.0 protobuf sympy mpmath
+ONNX_STAMP := $(VENV)/.onnx
+$(ONNX_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-deps $(ONNX_PKGS) || \
+	    echo "jax2onnx could not be installed: the ONNX tests will be skipped"
+	touch $(ONNX_STAMP)
+
 # the documentation site: docs/_build/html (warnings are errors)
 DOCS_STAMP := $(VENV)/.docs
 $(DOCS_STAMP): $(STAMP)
@@ -59,10 +70,10 @@ $(DOCS_STAMP): $(STAMP)
 	touch $(DOCS_STAMP)
 
 # the fast tier (what a contributor runs before each commit) and the whole suite (CI)
-test: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP)
+test: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP) $(ONNX_STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP) $(DOCS_STAMP)
+test-all: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP) $(DOCS_STAMP) $(ONNX_STAMP)
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 # the cross-domain evaluation suite (dwm_jax.suite.py): audio under suite/, datasets

@@ -244,7 +244,8 @@ def _results_lines(results: dict) -> list[str]:
 
 
 def export(workdir: str, out_dir: str, *, step: int | None = None, fmt: str = "pth",
-           authors_folder: str = "", serving_export: bool = False, log=print) -> dict:
+           authors_folder: str = "", serving_export: bool = False, onnx: bool = False,
+           log=print) -> dict:
     """Exports one checkpoint of ``workdir``; returns the model card (also written)."""
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {FORMATS}; got {fmt!r}")
@@ -262,6 +263,8 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, fmt: str = "p
     card = model_card(w, cfg, args, fmt, path, notes)
     if serving_export:
         card["serving"] = os.path.basename(serving.save(workdir, out_dir, w.step))
+    if onnx:
+        card["onnx"] = os.path.basename(serving.save_onnx(workdir, out_dir, w.step))
     _write_text(os.path.join(out_dir, "model_card.json"), json.dumps(card, indent=1))
     _write_text(os.path.join(out_dir, "model_card.md"), card_markdown(card))
     card["path"] = path
@@ -285,16 +288,20 @@ def main(argv=None) -> int:
                    "convention OUT/NAME-<F>x<T>p<ph>x<pw>[-mrNN]/")
     p.add_argument("--serving", action="store_true",
                    help="also write the encoder as StableHLO (jax.export) beside it")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write the encoder as ONNX (needs jax2onnx; see the guide)")
     a = p.parse_args(argv)
     checkpointing.quiet_background_echoes()
     try:
         card = export(a.workdir, a.out, step=a.step, fmt=a.format,
-                      authors_folder=a.authors_folder, serving_export=a.serving)
+                      authors_folder=a.authors_folder, serving_export=a.serving, onnx=a.onnx)
     except (ExportError, ConversionError, config_lib.ConfigError,
             checkpointing.CheckpointDamagedError, checkpointing.CheckpointMismatchError) as e:
         return cli.fail("python -m dwm_jax.export", str(e))
     except cli.FILE_ERRORS as e:
         return cli.fail("python -m dwm_jax.export", cli.describe_os_error(e))
+    except ImportError as e:  # an optional package for the asked format
+        return cli.fail("python -m dwm_jax.export", str(e))
     for note in card["notes"]:
         print(f"note: {note}")
     print(f"exported step {card['training']['step']} of {a.workdir} -> {card['path']} "

@@ -81,6 +81,29 @@ def save(workdir: str, out_dir: str, step: int | None = None) -> str:
     return path
 
 
+def save_onnx(workdir: str, out_dir: str, step: int | None = None) -> str:
+    """Writes ``out_dir/encoder-<step>.onnx`` (jax2onnx): the same features as
+    :func:`save`'s program with a symbolic batch and the time fixed at the encoder's input
+    width (the full chunks of a clip; symbolic time is refused by onnxruntime, see the
+    export guide). Needs ``jax2onnx`` and ``onnxruntime`` (not dependencies of this
+    package: their pins conflict with Orbax's, see the export guide)."""
+    try:
+        import jax2onnx
+    except ImportError:
+        raise ImportError("ONNX export needs jax2onnx (pip install --no-deps jax2onnx onnx "
+                          "onnx-ir onnxruntime; see docs/guides/export.md)") from None
+    w = weights.read_weights(workdir, step, ("params/encoder",))
+    encoder, _, _ = weights.load_encoder(workdir, w.step)
+    path = os.path.join(out_dir, f"encoder-{w.step}.onnx")
+    model = jax2onnx.to_onnx(encoder_features_fn(encoder),
+                             [("B", *encoder.input_shape)], model_name="dwm_jax_encoder",
+                             input_names=["log_mel"], output_names=["features"])
+    with open(path + ".tmp", "wb") as f:
+        f.write(model.SerializeToString())
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def load(path: str):
     """The serialised encoder as a callable on normalised log-mel [B, F, pw * t]."""
     with open(path, "rb") as f:

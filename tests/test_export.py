@@ -150,3 +150,41 @@ def test_export_cli_errors_are_one_line(tmp_path):
     assert res.returncode == 2 and res.stderr.strip() == (
         f"python -m dwm_jax.export: error: {tmp_path / 'none'}: no checkpoints there")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_onnx_encoder_equals_the_embedder_on_whole_chunks(trained_run, tmp_path):
+    pytest.importorskip("jax2onnx", reason="jax2onnx is not installed ('make test' installs "
+                        "it without its Orbax pin)")
+    ort = pytest.importorskip("onnxruntime")
+    path = serving.save_onnx(trained_run, str(tmp_path))
+    session = ort.InferenceSession(path)
+    emb = Embedder.from_workdir(trained_run)
+    rng = np.random.default_rng(0)
+    for batch in (1, 3):                    # the batch is symbolic
+        log_mels = (rng.standard_normal((batch, 80, 64)) * 3 - 8).astype(np.float32)
+        x = (log_mels - emb.stats.mean) / emb.stats.std
+        got = session.run(None, {"log_mel": x.astype(np.float32)})[0]
+        for i in range(batch):
+            want = emb.time_features(log_mels[i])
+            assert np.abs(got[i] - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_onnx_with_a_symbolic_time_axis_names_what_blocks_it(trained_run):
+    """A symbolic number of time patches (what the StableHLO program has) converts, but
+    onnxruntime fails in a Mul over the token axis: the CLS row and the patch tokens get
+    the same symbolic size. The day it runs, it must equal the Embedder."""
+    jax2onnx = pytest.importorskip("jax2onnx", reason="jax2onnx is not installed")
+    ort = pytest.importorskip("onnxruntime")
+    encoder, stats, _ = weights.load_encoder(trained_run)
+    b, t = jax.export.symbolic_shape("b, t", constraints=("t <= 4",))
+    model = jax2onnx.to_onnx(serving.encoder_features_fn(encoder),
+                             [jax.ShapeDtypeStruct((b, 80, 16 * t), np.float32)])
+    session = ort.InferenceSession(model.SerializeToString())
+    x = np.zeros((2, 80, 32), np.float32)
+    try:
+        got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    except Exception as e:  # onnxruntime's own error type
+        assert "Mul node" in str(e) and "Shape mismatch" in str(e), str(e)[:500]
+        return
+    want = Embedder(encoder, stats).time_features(x[0] * stats.std + stats.mean)
+    assert np.abs(got[0] - want).max() <= 1e-5 * np.abs(want).max()
