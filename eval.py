@@ -17,7 +17,10 @@ prints the table; embeddings are cached under RUN/eval/cache/, keyed by a hash o
 weights and of the task's data. ``--mode=finetune`` fine-tunes the encoder with a linear head
 on each task (``dwm_jax/finetune.py``; checkpoints under RUN/eval/finetune/, a rerun resumes)
 and ``--mode=both`` does both; results of one mode are kept when the other runs later on the
-same checkpoint, and the table puts them side by side.
+same checkpoint, and the table puts them side by side. A task built with an events table
+(strong labels) is evaluated at frame level (``dwm_jax/sed.py``, ``configs/sed.py``):
+per-step features into per-step sigmoids, scored by segment-based F1 and error rate,
+event-based F1 and PSDS.
 """
 
 import json
@@ -27,7 +30,7 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
-from dwm_jax import checkpointing, cli, config, finetune, probe
+from dwm_jax import checkpointing, cli, config, finetune, probe, sed
 from dwm_jax.embedding import Embedder
 from dwm_jax.errors import NonFiniteError
 from dwm_jax.suite import tasks as suite_tasks
@@ -43,6 +46,8 @@ _POOL = flags.DEFINE_enum("pool", "mean", ["mean", "mean_std"],
                           "authors'), or mean and std (the raw log-mel baseline's statistics)")
 _MODE = flags.DEFINE_enum("mode", "linear", ["linear", "finetune", "both"],
                           "linear probe, fine-tuning, or both")
+_SED = cli.define_config_file("eval.py", "sed", "configs/sed.py",
+                              "the frame-level protocol, for tasks built with an events table")
 _FINETUNE = cli.define_config_file("eval.py", "finetune", "configs/finetune.py",
                                             "the fine-tuning recipe (--mode=finetune / both)")
 
@@ -119,16 +124,30 @@ def _linear_probes(tasks, data_dir, meta, encoder, results):
         "random_init": random_init.featuriser("random_init", _POOL.value),
         "raw_logmel": (probe.raw_features, "raw_logmel"),
     }
+    step_featurisers = {
+        "encoder": encoder.step_featuriser("encoder"),
+        "random_init": random_init.step_featuriser("random_init"),
+        "raw_logmel": (lambda lm: sed.raw_step_features(lm, encoder.patch_w),
+                       f"raw_logmel_steps{encoder.patch_w}", encoder.patch_w),
+    }
     for spec in tasks:
         try:
-            r = probe.evaluate_task(spec, data_dir, featurisers, cache_dir=cache)
+            if sed.is_frame_level(data_dir, spec):  # the dataset decides the protocol
+                r = sed.evaluate_frame_task(spec, data_dir, step_featurisers, _SED.value,
+                                            cache_dir=cache)
+            else:
+                r = probe.evaluate_task(spec, data_dir, featurisers, cache_dir=cache)
+                r["pool"] = _POOL.value
         except (probe.ProbeError, FileNotFoundError, ValueError) as e:
             raise probe.ProbeError(f"task {spec!r}: {e}") from None
-        results[r["task"]] = {**results.get(r["task"], {}), **r, "pool": _POOL.value}
+        results[r["task"]] = {**results.get(r["task"], {}), **r}
 
 
 def _finetunes(tasks, data_dir, step, out_dir, results):
     for spec in tasks:
+        if sed.is_frame_level(data_dir, spec):
+            raise probe.ProbeError(f"task {spec!r}: fine-tuning is for clip-level tasks; "
+                                   "this one is frame level (use --mode=linear)")
         try:
             ft = finetune.finetune_task(spec, data_dir, _WORKDIR.value, step, _FINETUNE.value,
                                         out_dir=os.path.join(out_dir, "finetune"),
@@ -157,6 +176,7 @@ def main(argv):
     try:
         if _MODE.value in ("finetune", "both"):
             config.check_finetune(_FINETUNE.value)
+        config.check_sed(_SED.value)
         tasks = suite_tasks.task_specs(",".join(_TASKS.value))
         if not tasks:
             return cli.fail("eval.py", "--tasks names no task (e.g. --tasks=synthetic_sounds)")

@@ -284,6 +284,27 @@ FINETUNE_FIELDS: tuple[Field, ...] = (
     F("folds", 0, _integer(0), "fold datasets: how many test folds to run (0: all)"),
     F("seed", 0, _integer(0, 2**32 - 1), "seeds the head, the batches and the augmentation"),
 )
+
+@_described("increasing numbers in (0, 1)")
+def _thresholds(v):
+    if (not isinstance(v, (tuple, list)) or not v
+            or any(_number(0.0, 1.0, low_open=True, high_open=True)(t) for t in v)
+            or list(v) != sorted(set(v))):
+        return "must be increasing numbers in (0, 1)"
+
+
+# Frame-level evaluation (eval.py on a dataset built with an events table; configs/sed.py).
+SED_FIELDS: tuple[Field, ...] = (
+    F("median_window_s", 0.48, _number(0.0),
+      "median filter over the step probabilities, in seconds (an odd number of steps; 0: "
+      "none)"),
+    F("thresholds", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), _thresholds,
+      "decision thresholds: the best on valid (segment F1) scores test; all make PSDS"),
+    F("segment_s", 1.0, _number(0.0, low_open=True), "segment of the segment-based metrics"),
+    F("collar_s", 0.2, _number(0.0), "onset collar of the event-based F1 (seconds)"),
+    F("offset_fraction", 0.2, _number(0.0, 1.0),
+      "offset collar: max(collar, this x the reference event's length)"),
+)
 del F
 BY_PATH: dict[str, Field] = {f.path: f for f in FIELDS}
 _FREE = tuple(f.path for f in FIELDS if f.rule is _free)
@@ -399,18 +420,32 @@ def finetune_base() -> ml_collections.ConfigDict:
 
 def check_finetune(cfg) -> None:
     """Raises ConfigError naming the first bad ``--finetune.<field>``."""
+    _check_flat(cfg, FINETUNE_FIELDS, "--finetune", "finetune_base")
+
+
+def sed_base() -> ml_collections.ConfigDict:
+    """The frame-level evaluation's defaults, every field of :data:`SED_FIELDS` set."""
+    return ml_collections.ConfigDict({f.path: f.default for f in SED_FIELDS})
+
+
+def check_sed(cfg) -> None:
+    """Raises ConfigError naming the first bad ``--sed.<field>``."""
+    _check_flat(cfg, SED_FIELDS, "--sed", "sed_base")
+
+
+def _check_flat(cfg, fields: tuple[Field, ...], flag: str, base_name: str) -> None:
     given = dict(cfg.items())
-    known = {f.path for f in FINETUNE_FIELDS}
+    known = {f.path for f in fields}
     for name in sorted(set(given) - known):
-        raise ConfigError(f"--finetune.{name}: the fine-tuning config has no such field; it "
-                          f"has {', '.join(sorted(known))}")
-    for f in FINETUNE_FIELDS:
+        raise ConfigError(f"{flag}.{name}: the config has no such field; it has "
+                          f"{', '.join(sorted(known))}")
+    for f in fields:
         if f.path not in given:
-            raise ConfigError(f"the fine-tuning config lacks field {f.path!r}; start from "
-                              "dwm_jax.config.finetune_base()")
+            raise ConfigError(f"the {flag[2:]} config lacks field {f.path!r}; start from "
+                              f"dwm_jax.config.{base_name}()")
         problem = f.rule(given[f.path])
         if problem:
-            raise ConfigError(f"--finetune.{f.path} {problem}; got {given[f.path]!r}")
+            raise ConfigError(f"{flag}.{f.path} {problem}; got {given[f.path]!r}")
 
 
 def _check_model(m) -> None:
@@ -478,7 +513,11 @@ def reference_document() -> str:
             "`configs/finetune.py`), each field overridable as `--finetune.<field>=value`.\n"
             "A rerun with another value of any field is refused while the earlier run's\n"
             "checkpoints (under `RUN/eval/finetune/`) remain.\n\n"
-            + reference_markdown(FINETUNE_FIELDS))
+            + reference_markdown(FINETUNE_FIELDS) +
+            "\n## Frame-level evaluation\n\n"
+            "The settings of `eval.py` on a frame-level task (a dataset built with an events\n"
+            "table; `dwm_jax.config.SED_FIELDS`, `configs/sed.py`), each overridable as\n"
+            "`--sed.<field>=value`.\n\n" + reference_markdown(SED_FIELDS))
 
 
 if __name__ == "__main__":

@@ -160,6 +160,11 @@ class Embedder:
         key = f"{name}_{self.fingerprint}" + ("" if pool == "mean" else f"_{pool}")
         return functools.partial(self.clip_embedding, pool=pool), key
 
+    def step_featuriser(self, name: str):
+        """(log_mel -> per-step features [T', D], cache key, patch width) for frame-level
+        tasks (``sed.evaluate_frame_task``)."""
+        return self.time_features, f"{name}_{self.fingerprint}_steps", self.patch_w
+
     def from_waveform(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
         """Mono waveform [samples] at any rate -> clip embedding (resampled to the front end's
         rate). Floats are taken as they are (full scale +-1); integer PCM (int16, int32,

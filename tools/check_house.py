@@ -30,7 +30,7 @@ LAYERS = {
     "core": (CORE, ("core",)),
     "data": (("data",), ("core", "data")),
     "train": (("train",), ("core", "data", "train")),
-    "eval": (("embedding", "probe", "finetune"), ("core", "data", "eval")),
+    "eval": (("embedding", "probe", "finetune", "sed"), ("core", "data", "eval")),
     "hear": (("hear",), ("core", "eval", "hear")),
     "convert": (("convert", "export"), ("core", "convert")),
     "plots": (("plots",), ("core", "plots")),

@@ -30,8 +30,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dwm_jax import audio, locks
+from dwm_jax.data import events as events_lib
 from dwm_jax.data import layouts, parallel, synthetic
-from dwm_jax.data.examples import BuildError, Row, SplitStats, check_skipped, clip_example
+from dwm_jax.data.examples import (EVENTS_KEY, BuildError, Row, SplitStats, check_skipped,
+                                   clip_example)
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +226,8 @@ class AudioFolderConfig(tfds.core.BuilderConfig):
     label_separator: str = ""         # several labels per clip ('a,b'): stored multi-hot
     layout: str = ""                  # a layouts.READERS name instead of a CSV
     split_file: str = ""              # the published split list a layout reads
+    events: str = ""                  # a strong-label table: per-frame targets (events.py)
+    events_columns: tuple = events_lib.EVENT_COLUMNS
     skip_bad_files: bool = False
     dtype: str = "float16"
     frontend: audio.LogMelFrontEnd = audio.LogMelFrontEnd()
@@ -259,6 +263,9 @@ def audio_folder_config(name: str, *, root: str = "", preset: str = "", audio_di
     if layout in _SPLIT_FILE_SOURCES and not os.path.exists(split_file):
         raise BuildError(f"layout {layout!r} needs its split list, {_SPLIT_FILE_SOURCES[layout]}"
                          f": {split_file or '(none given)'} does not exist (--split_file)")
+    if fields.get("events"):
+        fields["events"] = os.path.abspath(fields["events"])
+        fields["events_columns"] = tuple(fields.get("events_columns", events_lib.EVENT_COLUMNS))
     return AudioFolderConfig(name=name, audio_dir=os.path.abspath(audio_dir),
                              csv=os.path.abspath(csv_path) if csv_path else "",
                              split_file=os.path.abspath(split_file) if split_file else "",
@@ -322,8 +329,32 @@ class AudioFolder(_LogMelBuilder):
     # The CSV is read once and checked before anything is written.
     def _rows(self) -> list[Row]:
         if self._rows_cache is None:
-            self._rows_cache = self._read_rows()
+            rows = self._read_rows()
+            self._rows_cache = self._with_events(rows) if self.builder_config.events else rows
         return self._rows_cache
+
+    def _with_events(self, rows: list[Row]) -> list[Row]:
+        """The rows with their events attached; BuildError naming a row of the table whose
+        file the dataset does not list."""
+        cfg = self.builder_config
+        if os.path.isfile(cfg.events):
+            _check_utf8(cfg.events)
+        try:
+            table = events_lib.read_events(cfg.events, tuple(cfg.events_columns))
+        except events_lib.EventsError as e:
+            raise BuildError(f"audio_folder/{cfg.name}: {e}") from None
+        by_path = {r.path: r for r in rows}
+        attached: dict[str, tuple] = {}
+        for name, found in table.items():
+            path = os.path.normpath(os.path.join(cfg.audio_dir, name))
+            if path not in by_path:
+                raise BuildError(f"{found[0].where}: {name} is not a file of the dataset "
+                                 f"(audio_dir {cfg.audio_dir}, {cfg.csv or 'all files'})")
+            attached[path] = tuple(found)
+        return [dataclasses.replace(r, events=attached.get(r.path, ())) for r in rows]
+
+    def _event_labels(self) -> tuple[str, ...]:
+        return _sorted_labels(e.label for r in self._rows() for e in r.events)
 
     def _read_rows(self) -> list[Row]:
         cfg = self.builder_config
@@ -416,9 +447,18 @@ class AudioFolder(_LogMelBuilder):
         metadata = self._metadata()
         if multi:
             metadata["label_names"] = list(names)
+        features = self._features(names, multi_label=multi)
+        if self.builder_config.events:
+            event_labels = self._event_labels()
+            if not event_labels:
+                raise BuildError(f"{self.builder_config.events}: the events table has no rows")
+            metadata["event_labels"] = list(event_labels)
+            features = tfds.features.FeaturesDict({
+                **features, "frame_labels": tfds.features.Tensor(
+                    shape=(len(event_labels), None), dtype=np.uint8)})
         return tfds.core.DatasetInfo(
             builder=self, description=f"Audio files from {self.builder_config.audio_dir}",
-            features=self._features(names, multi_label=multi), metadata=metadata)
+            features=features, metadata=metadata)
 
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
@@ -439,7 +479,12 @@ class AudioFolder(_LogMelBuilder):
                 for split, rows in self._by_split.items()}
 
     def _label_index(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self._label_names() or ())}
+        """Class name -> index; event labels under the key ``events``."""
+        index = {name: i for i, name in enumerate(self._label_names() or ())}
+        if self.builder_config.events:
+            index = {**index, EVENTS_KEY: {name: i for i, name in
+                                           enumerate(self._event_labels())}}
+        return index
 
     def _generate_examples(self, split: str, rows: list[Row]):
         cfg = self.builder_config
@@ -551,7 +596,8 @@ def _parallel_args(builder: str, workers: int, beam_options: str) -> dict:
 
 BUILDERS = {"synthetic_sounds": SyntheticSounds, "audio_folder": AudioFolder}
 # builder-config fields added after datasets were first built, with their default
-ADDED_CONFIG_FIELDS = {"label_separator": "", "layout": "", "split_file": ""}
+ADDED_CONFIG_FIELDS = {"label_separator": "", "layout": "", "split_file": "", "events": "",
+                       "events_columns": list(events_lib.EVENT_COLUMNS)}
 
 
 def build(builder: str, data_dir: str, *, config: str | tfds.core.BuilderConfig = "default",

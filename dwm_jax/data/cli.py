@@ -32,7 +32,7 @@ import signal
 import sys
 
 from dwm_jax import audio, cli
-from dwm_jax.data import builders
+from dwm_jax.data import builders, events
 
 
 PROG = "python -m dwm_jax.data"
@@ -62,6 +62,12 @@ def main(argv=None) -> int:
     p.add_argument("--label_separator", default="",
                    help="audio_folder: several labels per clip in the label column, separated "
                         "by this (e.g. ','): a multi-label dataset, stored multi-hot")
+    p.add_argument("--events", default="",
+                   help="audio_folder: a strong-label table (CSV, or DCASE's TSV) of "
+                        "filename, onset, offset, event_label: per-frame targets for sound "
+                        "event detection")
+    p.add_argument("--events_columns", default=",".join(events.EVENT_COLUMNS),
+                   help="the events table's four columns: file, onset, offset, label")
     p.add_argument("--skip_bad_files", action="store_true",
                    help="skip (and report) unreadable or missing files instead of stopping")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
@@ -93,7 +99,8 @@ def main(argv=None) -> int:
                 args.name, root=args.root, preset=args.preset, audio_dir=args.audio_dir,
                 csv_path=args.csv, split_file=args.split_file,
                 skip_bad_files=args.skip_bad_files, dtype=args.dtype,
-                label_separator=args.label_separator,
+                label_separator=args.label_separator, events=args.events,
+                events_columns=tuple(args.events_columns.split(",")),
                 frontend=frontend)
         else:
             config = args.config

@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from dwm_jax import audio
+from dwm_jax.data import events as events_lib
 
 
 class BuildError(ValueError):
@@ -87,6 +88,11 @@ class Row:
     path: str
     label: str | tuple[str, ...] | None   # a tuple for multi-label sets
     split: str
+    events: tuple = ()  # strong labels (events.Event) of the file, for frame targets
+
+
+# the entry of a label index that maps event labels to frame-target rows
+EVENTS_KEY = "__events__"
 
 
 def clip_example(row: Row, cfg, index: dict[str, int]):
@@ -102,6 +108,11 @@ def clip_example(row: Row, cfg, index: dict[str, int]):
         example["labels"][[index[name] for name in row.label]] = 1
     elif row.label is not None:
         example["label"] = row.label
+    if EVENTS_KEY in index:
+        from_hop = cfg.frontend.hop_length / cfg.frontend.sample_rate
+        example["frame_labels"] = events_lib.frame_targets(
+            row.events, log_mel.shape[1], 1.0 / from_hop, index[EVENTS_KEY],
+            clip_seconds=(log_mel.shape[1] - 1) * from_hop, tolerance=2 * from_hop)
     return rel, example
 
 

@@ -44,6 +44,7 @@ class DatasetSplit:
     frontend: audio.LogMelFrontEnd
     metadata: dict
     multi_label: bool = False       # examples hold ``labels`` (multi-hot), not ``label``
+    event_labels: tuple[str, ...] | None = None  # examples hold ``frame_labels`` [C, T]
 
     def __len__(self) -> int:
         return len(self.source)
@@ -129,8 +130,9 @@ def open_split(data_dir: str, name: str, split: str) -> DatasetSplit:
         label_names = tuple(features["label"].names) if "label" in features.keys() else None
     # datasets written before pad_mode was recorded used librosa's zero padding
     frontend = audio.LogMelFrontEnd(**{"pad_mode": "constant", **metadata["frontend"]})
+    event_labels = tuple(metadata["event_labels"]) if "event_labels" in metadata else None
     return DatasetSplit(name, split, builder.as_data_source(split), label_names, frontend,
-                        metadata, multi_label)
+                        metadata, multi_label, event_labels)
 
 
 class CropAndNormalise(grain.transforms.RandomMap):

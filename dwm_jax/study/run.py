@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from dwm_jax import probe, train
+from dwm_jax import config, probe, sed, train
 from dwm_jax.embedding import POOLINGS, Embedder
 from dwm_jax.study.arms import ARMS, DEFAULT_ARMS, apply_arm
 from dwm_jax.suite import tasks as suite
@@ -110,6 +110,9 @@ def probe_run(run: dict, args, tasks, pool: str, baselines) -> dict:
     cache = os.path.join(args.outdir, "cache")
     out = {}
     for spec in tasks:
+        if sed.is_frame_level(args.data_dir, spec):
+            out.update(_probe_frames(emb, run, args, spec, spec in baselines, cache))
+            continue
         feats = {"encoder": (emb.featuriser("encoder", pool)[0], None)}
         if spec in baselines:
             cfg = study_config(run["strategy"], run["seed"], args)
@@ -120,6 +123,23 @@ def probe_run(run: dict, args, tasks, pool: str, baselines) -> dict:
         out[r["task"]] = {k: r[k]["test_score"] for k in feats}
         out[r["task"]].update(num_test=r["num_test"], data=r["data"])
     return out
+
+
+def _probe_frames(emb, run: dict, args, spec: str, with_baselines: bool, cache: str) -> dict:
+    """A frame-level task (dwm_jax.sed): the encoder's time steps, pooling aside; scores are
+    the segment F1 (``test_score``), with the event F1 beside."""
+    feats = {"encoder": (emb.time_features, None, emb.patch_w)}
+    if with_baselines:
+        cfg = study_config(run["strategy"], run["seed"], args)
+        feats["random_init"] = Embedder.random_init(cfg, emb.stats, seed=0).step_featuriser(
+            "random_init")
+        feats["raw_logmel"] = (lambda lm: sed.raw_step_features(lm, emb.patch_w),
+                               f"raw_logmel_steps{emb.patch_w}", emb.patch_w)
+    r = sed.evaluate_frame_task(spec, args.data_dir, feats, config.sed_base(), cache_dir=cache)
+    scores = {k: r[k]["test_score"] for k in feats}
+    scores.update({f"{k}_event_f1": r[k]["event_f1"] for k in feats},
+                  num_test=r["num_test"], data=r["data"])
+    return {r["task"]: scores}
 
 
 def _mean_std(values) -> str:
@@ -137,16 +157,20 @@ def summarise(runs: list[dict], strategies, tasks_order, key: str = "tasks",
     runs, stale = split_current(runs, key, tasks_order, fingerprints)
     if not runs:
         return _left_out(stale)
-    head = " | ".join(suite.short_name(t) for t in tasks_order)
+    columns = _columns(tasks_order)
+    clip_tasks = [t for t in tasks_order if suite.short_name(t) not in suite.FRAME_TASKS]
+    head = " | ".join(name for name, _, _ in columns)
     lines = [f"| strategy | seeds | {head} | mean | step ms | mask ms |",
-             "|---|---:|" + "---:|" * (len(tasks_order) + 3)]
-    score = lambda r, t: r[key][t]["encoder"]  # noqa: E731
-    mean_of = lambda r: np.mean([score(r, t) for t in tasks_order])  # noqa: E731
+             "|---|---:|" + "---:|" * (len(columns) + 3)]
+    score = lambda r, t, k="encoder": r[key][t][k]  # noqa: E731
+    # the mean is over the clip-level tasks (accuracies and mAPs, not frame-level F1s)
+    mean_of = lambda r: np.mean([score(r, t) for t in clip_tasks])  # noqa: E731
     for s in strategies:
         mine = sorted((r for r in runs if r["strategy"] == s), key=lambda r: r["seed"])
         if not mine:
             continue
-        cells = [str(len(mine))] + [_mean_std([score(r, t) for r in mine]) for t in tasks_order]
+        cells = [str(len(mine))] + [_mean_std([score(r, t, f"encoder{k}") for r in mine])
+                                    for _, t, k in columns]
         cells.append(_mean_std([mean_of(r) for r in mine]))
         cells.append(f"{np.mean([r.get('step_ms', np.nan) for r in mine]):.0f}")
         cells.append(f"{np.mean([r['mask_ms'] for r in mine]):.2f}")
@@ -155,8 +179,8 @@ def summarise(runs: list[dict], strategies, tasks_order, key: str = "tasks",
     base = {t: next(r[key][t] for r in runs if "random_init" in r[key].get(t, {}))
             for t in tasks_order}
     for name in ("random_init", "raw_logmel"):
-        cells = [f"{base[t][name]:.3f}" for t in tasks_order]
-        cells.append(f"{np.mean([base[t][name] for t in tasks_order]):.3f}")
+        cells = [f"{base[t][name + k]:.3f}" for _, t, k in columns]
+        cells.append(f"{np.mean([base[t][name] for t in clip_tasks]):.3f}")
         lines.append(f"| *{name.replace('_', ' ')}* | | " + " | ".join(cells) + " | | |")
     reference = {r["seed"]: r for r in runs if r["strategy"] == "random"}
     diffs = []
@@ -166,15 +190,29 @@ def summarise(runs: list[dict], strategies, tasks_order, key: str = "tasks",
         if not pairs:
             continue
         cells = [str(len(pairs))]
-        cells += [_mean_std([score(r, t) - score(q, t) for r, q in pairs]) for t in tasks_order]
+        cells += [_mean_std([score(r, t, f"encoder{k}") - score(q, t, f"encoder{k}")
+                             for r, q in pairs]) for _, t, k in columns]
         cells.append(_mean_std([mean_of(r) - mean_of(q) for r, q in pairs]))
         diffs.append(f"| {s} − random | " + " | ".join(cells) + " |")
     if diffs:
         lines += ["", f"| paired by seed | seeds | {head} | mean |",
-                  "|---|---:|" + "---:|" * (len(tasks_order) + 1)] + diffs
+                  "|---|---:|" + "---:|" * (len(columns) + 1)] + diffs
     if stale:
         lines += ["", _left_out(stale).rstrip()]
     return "\n".join(lines) + "\n"
+
+
+def _columns(tasks_order) -> list[tuple[str, str, str]]:
+    """(header, task, score suffix) of the table: a clip-level task's score; a frame-level
+    task's segment F1 and event F1 (where in time)."""
+    out = []
+    for t in tasks_order:
+        name = suite.short_name(t)
+        if name in suite.FRAME_TASKS:
+            out += [(f"{name}: segment F1", t, ""), (f"{name}: event F1", t, "_event_f1")]
+        else:
+            out.append((name, t, ""))
+    return out
 
 
 def split_current(runs, key, tasks_order, fingerprints=None):

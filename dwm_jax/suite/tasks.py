@@ -43,7 +43,7 @@ import tempfile
 import numpy as np
 import soundfile
 
-from dwm_jax import data, probe
+from dwm_jax import config, data, probe, sed
 from dwm_jax.data import synthetic
 
 SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
@@ -396,12 +396,46 @@ def pitch_note(pitch_class: str, rng) -> list[tuple[int, float, float, int]]:
              int(rng.integers(70, 120)))]
 
 
+SCENE_SECONDS = 10.0
+
+
+def _scenes(scale, seed):
+    """Strong labels: 10-second scenes, each with 2-5 events of the 12 procedural classes
+    (0.3-2.5 s, at random times, overlaps allowed, 0-15 dB above a coloured background),
+    through the recording channel; recording conditions disjoint across splits, as in
+    ``events``. Five scenes per clip of the scale's per-class count."""
+    conditions = {"train": dict(room=(0.05, 0.3), room_prob=0.5, noise_slope=(-2.0, -1.0)),
+                  "valid": dict(room=(0.3, 0.6), room_prob=0.8, noise_slope=(-1.0, -0.5)),
+                  "test": dict(room=(0.6, 1.0), room_prob=1.0, noise_slope=(-0.5, 0.0))}
+    n = int(RATE * SCENE_SECONDS)
+    for split in ("train", "valid", "test"):
+        for k in range(5 * getattr(scale, split)):
+            rng = _rng(seed, "scenes", split, k)
+            background = synthetic._coloured_noise(n, RATE, rng.uniform(-2.0, -0.5), rng)
+            clip, events = background / synthetic._rms(background) * 0.1, []
+            for _ in range(int(rng.integers(2, 6))):
+                cid = int(rng.integers(synthetic.NUM_CLASSES))
+                length = int(RATE * rng.uniform(0.3, 2.5))
+                start = int(rng.integers(0, n - length + 1))
+                event = synthetic._event(cid, length, RATE, rng)
+                level = 0.1 * 10 ** (rng.uniform(0, 15) / 20)
+                clip[start:start + length] += level * event / synthetic._rms(event)
+                events.append((round(start / RATE, 3), round((start + length) / RATE, 3),
+                               synthetic.CLASS_NAMES[cid]))
+            x = channel(clip, rng, snr_db=(20.0, 40.0), **conditions[split])
+            yield split, "", f"{split}/scene_{k:04d}.wav", x, {"condition": split,
+                                                                "events": events}
+
+
 GENERATORS = {"events": _events, "words": _words, "speakers": _speakers,
-              "languages": _languages, "instruments": _instruments, "pitch": _pitch}
+              "languages": _languages, "instruments": _instruments, "pitch": _pitch,
+              "scenes": _scenes}
+# frame-level tasks (an events table; evaluated by dwm_jax.sed), not part of "suite"
+FRAME_TASKS = ("scenes",)
 # bumped when a task's generator makes other audio or splits: build_task then remakes the
 # task's audio and rebuilds its dataset instead of reusing them
 VERSIONS = {"events": 1, "words": 1, "speakers": 1, "languages": 1, "instruments": 2,
-            "pitch": 2}
+            "pitch": 2, "scenes": 1}
 STAMP = "suite_task.json"  # in each task folder: what made its audio
 
 
@@ -417,21 +451,29 @@ def make_task(task: str, out_dir: str, scale: Scale, seed: int = 0) -> str:
     root = os.path.join(out_dir, task)
     tmp = root + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    rows = []
+    rows, events = [], []
     for split, label, rel, x, extra in GENERATORS[task](scale, seed):
         path = os.path.join(tmp, "audio", rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         soundfile.write(path, x, RATE, subtype="PCM_16")
+        events += [(rel, *event) for event in extra.pop("events", ())]
         rows.append({"filename": rel, "label": label, "split": split, **extra})
-    with open(os.path.join(tmp, "labels.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    _write_csv(os.path.join(tmp, "labels.csv"), list(rows[0]), [list(r.values()) for r in rows])
+    if task in FRAME_TASKS:
+        _write_csv(os.path.join(tmp, "events.csv"),
+                   ["filename", "onset", "offset", "event_label"], events)
     with open(os.path.join(tmp, STAMP), "w") as f:
         json.dump(_stamp(task, scale, seed), f)
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)  # a killed run leaves only the .partial folder
     return os.path.join(root, "labels.csv")
+
+
+def _write_csv(path: str, header: list[str], rows) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
 
 
 def made_with(task_dir: str) -> dict | None:
@@ -455,15 +497,26 @@ def build_task(task: str, out_dir: str, data_dir: str, scale_name: str, seed: in
         # the old dataset goes first: a run killed before the rebuild cannot leave it behind
         shutil.rmtree(os.path.join(data_dir, "audio_folder", name), ignore_errors=True)
         make_task(task, out_dir, scale, seed)
+    frame = dict(label_column="", events=os.path.join(task_dir, "events.csv")) \
+        if task in FRAME_TASKS else {}
     cfg = data.audio_folder_config(name, audio_dir=os.path.join(task_dir, "audio"),
-                                   csv_path=os.path.join(task_dir, "labels.csv"))
+                                   csv_path=os.path.join(task_dir, "labels.csv"), **frame)
     data.build("audio_folder", data_dir, config=cfg)
     return f"audio_folder/{name}"
 
 
 def check_raw_probe(data_dir: str, dataset: str) -> dict:
-    """The raw log-mel linear probe's test accuracy, chance, and whether the task is in the
-    useful range (above 2x chance, below 0.9)."""
+    """The raw log-mel linear probe's test score (accuracy; segment F1 for a frame-level
+    task), chance, and whether the task is in the useful range (above 2x chance, or 1.3x
+    for the segment F1 whose chance is every class everywhere; below 0.9)."""
+    if sed.is_frame_level(data_dir, dataset):
+        r = sed.evaluate_frame_task(dataset, data_dir, {"raw_logmel": (
+            sed.raw_step_features, None, 16)}, config.sed_base())
+        score = r["raw_logmel"]["test_score"]
+        return {"task": dataset, "classes": r["num_classes"], "test_clips": r["num_test"],
+                "raw_logmel": score, "chance": r["chance"],
+                "event_f1": r["raw_logmel"]["event_f1"],
+                "ok": bool(score > 1.3 * r["chance"] and score < 0.9)}
     r = probe.evaluate_task(dataset, data_dir, {"raw_logmel": (probe.raw_features, None)})
     acc = r["raw_logmel"]["test_accuracy"]
     return {"task": dataset, "classes": r["num_classes"], "test_clips": r["num_test"],
@@ -488,7 +541,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="suite", help="where the audio folders are written")
     p.add_argument("--data_dir", default="data", help="where the datasets are built")
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: " + ",".join(TASKS))
+    p.add_argument("--tasks", default=",".join(TASKS + FRAME_TASKS),
+                   help="comma-separated: " + ",".join(TASKS + FRAME_TASKS))
     p.add_argument("--scale", default="full", choices=sorted(SCALES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_check", action="store_true", help="skip the raw log-mel probe check")
@@ -497,7 +551,7 @@ def main(argv=None) -> int:
     unknown = [t for t in tasks if t not in GENERATORS]
     if unknown:
         print(f"python -m dwm_jax.suite: error: unknown task(s) {unknown}; known: "
-              f"{', '.join(TASKS)}", file=sys.stderr)
+              f"{', '.join(TASKS + FRAME_TASKS)}", file=sys.stderr)
         return 2
     results = []
     try:

@@ -1,0 +1,1 @@
+"""The test suite (a package, so that ``tests.helpers`` is this one whatever else is installed)."""
