@@ -245,3 +245,23 @@ def test_the_study_table_has_a_where_in_time_column():
     assert "| random | 2 | 0.505 ± 0.007 | 0.250 ± 0.000 | 0.125 ± 0.000 | 0.505 ± 0.007 |" \
         in table
     assert "| dispersion − random | 2 | 0.100 ± 0.000 | 0.050 ± 0.000 | 0.025 ± 0.000 |" in table
+
+
+def test_the_data_cli_builds_strong_labels(tmp_path, capsys):
+    from dwm_jax.data import cli
+    cfg = _folder(tmp_path, ["a.wav\t0.5\t1.0\tdog"])
+    assert cli.main(["audio_folder", "--name", "sed", "--audio_dir", cfg.audio_dir,
+                     "--csv", cfg.csv, "--label_column", "", "--events", cfg.events,
+                     "--data_dir", str(tmp_path / "d")]) == 0
+    split = data.open_split(str(tmp_path / "d"), "audio_folder/sed", "train")
+    assert split.event_labels == ("dog",)
+    assert sum(int(split.source[i]["frame_labels"].sum()) for i in range(len(split))) == 50
+    # a bad row through the CLI: one line, exit 2
+    (tmp_path / "events.tsv").write_text("filename\tonset\toffset\tevent_label\n"
+                                         "a.wav\t0.9\t0.2\tdog\n")
+    assert cli.main(["audio_folder", "--name", "sed2", "--audio_dir", cfg.audio_dir,
+                     "--csv", cfg.csv, "--label_column", "", "--events", cfg.events,
+                     "--data_dir", str(tmp_path / "d")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("python -m dwm_jax.data: error: ")
+    assert "events.tsv:2: offset 0.2 is not after onset 0.9" in errors[0]

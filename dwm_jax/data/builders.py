@@ -383,7 +383,7 @@ class AudioFolder(_LogMelBuilder):
             if cfg.label_column and cfg.label_column not in columns:
                 raise BuildError(f"{cfg.csv}: no column {cfg.label_column!r} (label_column); "
                                  f"the header is {columns}. For an unlabelled dataset leave "
-                                 "out the CSV or set label_column=''")
+                                 "out the CSV or set label_column='' (--label_column '')")
             has_label = bool(cfg.label_column)
             split_col = cfg.split_column if cfg.split_column in columns else ""
             fold_col = cfg.fold_column if (not split_col and cfg.fold_column in columns) else ""

@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     p.add_argument("--split_file", default="",
                    help="audio_folder with --preset vc1, cremad, gtzan or surge: the published "
                         "split list, where it is not under --root (see layouts.py)")
+    p.add_argument("--label_column", default="label",
+                   help="audio_folder: the CSV's label column ('' for none: e.g. a list of "
+                        "files and splits whose events come with --events)")
     p.add_argument("--label_separator", default="",
                    help="audio_folder: several labels per clip in the label column, separated "
                         "by this (e.g. ','): a multi-label dataset, stored multi-hot")
@@ -100,6 +103,7 @@ def main(argv=None) -> int:
                 csv_path=args.csv, split_file=args.split_file,
                 skip_bad_files=args.skip_bad_files, dtype=args.dtype,
                 label_separator=args.label_separator, events=args.events,
+                **({} if args.preset else {"label_column": args.label_column}),
                 events_columns=tuple(args.events_columns.split(",")),
                 frontend=frontend)
         else:
