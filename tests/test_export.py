@@ -20,7 +20,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF = os.path.join(REPO, "tests", "data", "reference")
 FLAGS = {"m2d": ["--num_heads", "4", "--decoder_num_heads", "4", "--input_shape", "80x208"],
          "msm_mae": ["--num_heads", "4", "--decoder_num_heads", "2", "--input_shape", "80x208"]}
-FORMATS = ["safetensors", "npz", "pth"]
+# npz in the fast tier; the other writers (and torch) in the whole suite
+FORMATS = [pytest.param("safetensors", marks=pytest.mark.slow), "npz",
+           pytest.param("pth", marks=pytest.mark.slow)]
 
 
 def _fixture_weights(objective):
@@ -92,6 +94,7 @@ def test_a_run_trained_here_exports_and_converts_back_bit_for_bit(trained_run, t
                                                 else "args.input_size")
 
 
+@pytest.mark.slow
 def test_an_m2d_run_with_scanned_layers_exports_its_target_too(synthetic_small, tmp_path):
     from dwm_jax import train
     pytest.importorskip("safetensors")
@@ -144,6 +147,7 @@ def test_the_serialised_encoder_equals_the_embedder(trained_run, tmp_path):
             assert np.abs(got - want[None]).max() <= 1e-5 * scale
 
 
+@pytest.mark.slow
 def test_export_cli_errors_are_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "dwm_jax.export", str(tmp_path / "none"),
                           str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
@@ -152,6 +156,7 @@ def test_export_cli_errors_are_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_the_onnx_encoder_equals_the_embedder_on_whole_chunks(trained_run, tmp_path):
     pytest.importorskip("jax2onnx", reason="jax2onnx is not installed ('make test' installs "
                         "it without its Orbax pin)")
@@ -169,6 +174,7 @@ def test_the_onnx_encoder_equals_the_embedder_on_whole_chunks(trained_run, tmp_p
             assert np.abs(got[i] - want).max() <= 1e-5 * np.abs(want).max()
 
 
+@pytest.mark.slow
 def test_onnx_with_a_symbolic_time_axis_names_what_blocks_it(trained_run):
     """A symbolic number of time patches (what the StableHLO program has) converts, but
     onnxruntime fails in a Mul over the token axis: the CLS row and the patch tokens get

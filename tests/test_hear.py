@@ -76,6 +76,7 @@ def test_the_embeddings_are_the_embedders(model, trained_run):
         np.testing.assert_allclose(ours, shifted[: len(ours)], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_twenty_minute_clip(model):
     audio = _noise(1, 20 * 60, model.sample_rate) * 0.1
     emb, ts = hear.get_timestamp_embeddings(audio, model)
@@ -91,6 +92,7 @@ def test_bad_audio_is_refused_in_one_line(model):
         hear.load_model()
 
 
+@pytest.mark.slow
 def test_hearvalidator_accepts_the_module(trained_run, monkeypatch, capsys):
     """hearvalidator (PyPI) itself. It imports tensorflow for its tf.Module branch only;
     where tensorflow is absent a stand-in module with those two names is used (a torch

@@ -173,6 +173,7 @@ def scenes(tmp_path_factory):
     return out, dataset
 
 
+@pytest.mark.slow
 def test_scenes_have_events_inside_them_and_splits_by_recording_condition(scenes):
     out, _ = scenes
     with open(out / "suite" / "scenes" / "labels.csv", newline="") as f:
@@ -193,6 +194,7 @@ def test_scenes_have_events_inside_them_and_splits_by_recording_condition(scenes
     assert len(clip) == 16000 * suite.SCENE_SECONDS
 
 
+@pytest.mark.slow
 def test_the_raw_baseline_finds_the_task_neither_trivial_nor_impossible(scenes):
     out, dataset = scenes
     check = suite.check_raw_probe(str(out / "data"), dataset)
