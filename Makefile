@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo figures test test-all docs bench data-parallel suite suite-data corpus transfer study study-long \
+.PHONY: demo figures test test-all docs bench data-parallel suite suite-data corpus transfer study study-long study-frame \
 	transfer-seeds clean-venv
 
 $(STAMP): setup.cfg pyproject.toml
@@ -75,6 +75,14 @@ test: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP) $(ONNX_STAMP)
 
 test-all: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP) $(DOCS_STAMP) $(ONNX_STAMP)
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+# the masking study at frame level: the demo recipe's strategies (5 x 3 seeds), each probed
+# on synthetic_sounds and, where in time, on the suite's scenes (docs/results/frame_level.md)
+study-frame: $(STAMP)
+	$(PY) -m dwm_jax.data synthetic_sounds --data_dir data
+	$(PY) -m dwm_jax.suite --out suite --data_dir data --tasks scenes
+	$(PY) -m dwm_jax.study --outdir docs/study_frame \
+	    --tasks synthetic_sounds,audio_folder/suite_scenes
 
 # the cross-domain evaluation suite (dwm_jax.suite.py): audio under suite/, datasets
 # audio_folder/suite_<task> under data/, and the raw log-mel check of every task
