@@ -58,9 +58,12 @@ ONNX_PKGS := jax2onnx==0.17.1 onnx==1.23.2 onnx-ir==1.1.0 onnxruntime==1.32.0 \
 	dm-pix==0.4.5 equinox==0.13.8 jaxtyping==0.3.11 wadler-lindig==0.1.8 chex==0.1.92 \
 	toolz==1.2.0 protobuf sympy mpmath
 ONNX_STAMP := $(VENV)/.onnx
-$(ONNX_STAMP): $(STAMP)
+$(ONNX_STAMP): $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP)
 	$(PY) -m pip install -q --no-deps $(ONNX_PKGS) || \
 	    echo "jax2onnx could not be installed: the ONNX tests will be skipped"
+	# sed_eval's dcase_util imports pkg_resources, which setuptools 81 removed; installed
+	# after torch and Beam, whose installs may bring a newer setuptools
+	$(PY) -m pip install -q "setuptools<81"
 	touch $(ONNX_STAMP)
 
 # the documentation site: docs/_build/html (warnings are errors)
