@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dwm_jax import weights
+from dwm_jax import checkpointing, weights
 
 FORMAT_VERSION = 1
 
@@ -61,9 +61,8 @@ def export_encoder(encoder, platforms=PLATFORMS) -> jax.export.Exported:
 def save(workdir: str, out_dir: str, step: int | None = None) -> str:
     """Writes ``out_dir/encoder-<step>.stablehlo`` and its side-car ``.json`` (input shape,
     patch size, normalisation); returns the program's path."""
-    w = weights.read_weights(workdir, step, ("params/encoder",))
-    encoder, stats, _ = weights.load_encoder(workdir, w.step)
-    w_step = w.step
+    w_step = _step_of(workdir, step)
+    encoder, stats, _ = weights.load_encoder(workdir, w_step)
     exported = export_encoder(encoder)
     path = os.path.join(out_dir, f"encoder-{w_step}.stablehlo")
     with open(path + ".tmp", "wb") as f:
@@ -92,9 +91,9 @@ def save_onnx(workdir: str, out_dir: str, step: int | None = None) -> str:
     except ImportError:
         raise ImportError("ONNX export needs jax2onnx (pip install --no-deps jax2onnx onnx "
                           "onnx-ir onnxruntime; see docs/guides/export.md)") from None
-    w = weights.read_weights(workdir, step, ("params/encoder",))
-    encoder, _, _ = weights.load_encoder(workdir, w.step)
-    path = os.path.join(out_dir, f"encoder-{w.step}.onnx")
+    w_step = _step_of(workdir, step)
+    encoder, _, _ = weights.load_encoder(workdir, w_step)
+    path = os.path.join(out_dir, f"encoder-{w_step}.onnx")
     model = jax2onnx.to_onnx(encoder_features_fn(encoder),
                              [("B", *encoder.input_shape)], model_name="dwm_jax_encoder",
                              input_names=["log_mel"], output_names=["features"])
@@ -102,6 +101,20 @@ def save_onnx(workdir: str, out_dir: str, step: int | None = None) -> str:
         f.write(model.SerializeToString())
     os.replace(path + ".tmp", path)
     return path
+
+
+def _step_of(workdir: str, step: int | None) -> int:
+    """``step``, or the workdir's latest (read from the checkpoint folder, no arrays)."""
+    if step is not None:
+        return step
+    ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+    try:
+        latest = ckpt.latest_step()
+    finally:
+        ckpt.close()
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
+    return latest
 
 
 def load(path: str):
