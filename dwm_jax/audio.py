@@ -53,6 +53,21 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
+def to_float_samples(wave) -> np.ndarray:
+    """Samples of any numeric dtype -> float32 at full scale +-1, as audio files are read:
+    floats as they are, integer PCM (int16, int32, uint8, ...) scaled by its range. A bool,
+    complex or non-numeric array is refused (ValueError naming the dtype)."""
+    wave = np.asarray(wave)
+    if wave.dtype.kind in "iu":
+        info = np.iinfo(wave.dtype)
+        middle = 0 if wave.dtype.kind == "i" else (info.max + 1) // 2
+        return ((wave.astype(np.float64) - middle) / (info.max + 1 - middle)).astype(np.float32)
+    if wave.dtype.kind != "f":
+        raise ValueError(f"audio samples must be floats in [-1, 1] or integer PCM; got dtype "
+                         f"{wave.dtype}")
+    return wave.astype(np.float32)
+
+
 def _check_wav_length(path: str):
     """A WAV whose data chunk is shorter than its header says was cut off (an interrupted
     copy or download); libsndfile reads what is there without a word, so look ourselves."""

@@ -178,11 +178,7 @@ class Embedder:
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) \
                 or sample_rate <= 0:
             raise ValueError(f"sample_rate must be a positive integer (Hz); got {sample_rate!r}")
-        if wave.dtype.kind in "iu":
-            info = np.iinfo(wave.dtype)
-            middle = 0 if wave.dtype.kind == "i" else (info.max + 1) // 2
-            wave = (wave.astype(np.float64) - middle) / (info.max + 1 - middle)
-        wave = wave.astype(np.float32)
+        wave = audio.to_float_samples(wave)
         if not np.all(np.isfinite(wave)):
             raise ValueError("the waveform holds NaN or infinite samples")
         if sample_rate != self.frontend.sample_rate:

@@ -124,11 +124,7 @@ def write_checkpoint(path: str, state_dict: dict, args: dict, fmt: str) -> None:
     """One file in their layout; written to a temporary name and renamed."""
     tmp = f"{path}.tmp.{fmt}"
     if fmt == "pth":
-        try:
-            import torch
-        except ImportError:
-            raise ExportError("writing .pth needs PyTorch: pip install 'dwm_jax[torch]' (or "
-                              "--format safetensors / npz, which need no torch)") from None
+        torch = _torch()
         torch.save({"model": {k: torch.from_numpy(np.array(v, np.float32))
                               for k, v in state_dict.items()},
                     "args": argparse.Namespace(**args)}, tmp)
@@ -140,6 +136,31 @@ def write_checkpoint(path: str, state_dict: dict, args: dict, fmt: str) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **state_dict)
     os.replace(tmp, path)
+
+
+def _torch():
+    """The torch module; ExportError saying how to install it (or what needs none)."""
+    try:
+        import torch
+    except ImportError:
+        raise ExportError("writing .pth needs PyTorch: pip install 'dwm_jax[torch]' (or "
+                          "--format safetensors / npz, which need no torch)") from None
+    return torch
+
+
+def check_request(fmt: str, authors_folder: str, onnx: bool) -> None:
+    """Refuses, before anything is read or written, a format or folder name that cannot be
+    used and an output whose package is missing (ExportError / ImportError, one line)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {FORMATS}; got {fmt!r}")
+    if authors_folder and (os.path.isabs(authors_folder) or authors_folder in (".", "..")
+                           or any(sep in authors_folder for sep in ("/", "\\", os.sep))):
+        raise ExportError(f"--authors_folder {authors_folder!r}: a folder name, not a path "
+                          "(no separators, no '..'); the folder is made inside OUT")
+    if fmt == "pth":
+        _torch()
+    if onnx:
+        serving.check_onnx_available()
 
 
 def model_card(w: weights.Weights, cfg, args: dict, fmt: str, file: str,
@@ -246,9 +267,10 @@ def _results_lines(results: dict) -> list[str]:
 def export(workdir: str, out_dir: str, *, step: int | None = None, fmt: str = "pth",
            authors_folder: str = "", serving_export: bool = False, onnx: bool = False,
            log=print) -> dict:
-    """Exports one checkpoint of ``workdir``; returns the model card (also written)."""
-    if fmt not in FORMATS:
-        raise ExportError(f"--format must be one of {FORMATS}; got {fmt!r}")
+    """Exports one checkpoint of ``workdir``; returns the model card (also written). Every
+    requirement is checked before the first write; a failure after it removes what this
+    call wrote."""
+    check_request(fmt, authors_folder, onnx)
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise ExportError(f"{workdir}: no checkpoints there")
     w = weights.read_weights(workdir, step)
@@ -257,18 +279,42 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, fmt: str = "p
     args = args_of(cfg, w)
     if authors_folder:
         out_dir = os.path.join(out_dir, folder_name(authors_folder, cfg))
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"checkpoint-{w.step}.{fmt}")
-    write_checkpoint(path, state_dict, args, fmt)
-    card = model_card(w, cfg, args, fmt, path, notes)
-    if serving_export:
-        card["serving"] = os.path.basename(serving.save(workdir, out_dir, w.step))
-    if onnx:
-        card["onnx"] = os.path.basename(serving.save_onnx(workdir, out_dir, w.step))
-    _write_text(os.path.join(out_dir, "model_card.json"), json.dumps(card, indent=1))
-    _write_text(os.path.join(out_dir, "model_card.md"), card_markdown(card))
+    folders = [out_dir] + ([os.path.dirname(out_dir)] if authors_folder else [])
+    before = {folder: _files_in(folder) for folder in folders}
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        write_checkpoint(path, state_dict, args, fmt)
+        card = model_card(w, cfg, args, fmt, path, notes)
+        if serving_export:
+            card["serving"] = os.path.basename(serving.save(workdir, out_dir, w.step))
+        if onnx:
+            card["onnx"] = os.path.basename(serving.save_onnx(workdir, out_dir, w.step))
+        _write_text(os.path.join(out_dir, "model_card.json"), json.dumps(card, indent=1))
+        _write_text(os.path.join(out_dir, "model_card.md"), card_markdown(card))
+    except BaseException:
+        for folder in folders:   # innermost first
+            _remove_new_files(folder, before[folder])
+        raise
     card["path"] = path
     return card
+
+
+def _files_in(folder: str) -> set[str] | None:
+    """The names directly in ``folder`` (None when it does not exist yet)."""
+    return set(os.listdir(folder)) if os.path.isdir(folder) else None
+
+
+def _remove_new_files(folder: str, before: set[str] | None) -> None:
+    """Removes the files that appeared in ``folder`` since ``before``, and the folder itself
+    when it is new and left empty."""
+    if not os.path.isdir(folder):
+        return
+    for name in set(os.listdir(folder)) - (before or set()):
+        if os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+    if before is None and not os.listdir(folder):
+        os.rmdir(folder)
 
 
 def _write_text(path: str, text: str) -> None:

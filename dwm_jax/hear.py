@@ -7,7 +7,9 @@
     # frames [n_sounds, n_timestamps, timestamp_embedding_size], ms [n_sounds, n_timestamps]
 
 ``audio`` is a float32 torch tensor ``[n_sounds, n_samples]`` at ``model.sample_rate``
-(16 kHz), samples in [-1, 1]. The model is a ``torch.nn.Module`` (hear-eval-kit's runner
+(16 kHz), samples in [-1, 1]; integer PCM (int16, ...) is scaled to that range as audio
+files are read, and other dtypes (bool, complex) are refused. An empty batch gives empty
+outputs of the shapes its length implies. The model is a ``torch.nn.Module`` (hear-eval-kit's runner
 takes it unchanged; ``pip install 'dwm_jax[hear]'`` brings torch) whose ``forward`` runs the
 jitted JAX encoder through :class:`dwm_jax.embedding.Embedder`: the log-mel front end, the
 normalisation and the authors' chunking of long inputs, so any length works (a 20-minute clip
@@ -30,6 +32,7 @@ require("hear", "torch")
 import numpy as np
 import torch
 
+from dwm_jax.audio import to_float_samples
 from dwm_jax.embedding import Embedder
 
 
@@ -54,30 +57,38 @@ class HearModel(torch.nn.Module):
         self.first_ms = frame_ms * (patch_w - 1) / 2
 
     def log_mels(self, audio) -> list[np.ndarray]:
-        """[n, samples] (torch or NumPy) -> n raw log-mels [n_mels, frames]."""
+        """[n, samples] (torch or NumPy; float in [-1, 1] or integer PCM, scaled as audio
+        files are read) -> n raw log-mels [n_mels, frames]."""
         x = audio.detach().cpu().numpy() if torch.is_tensor(audio) else np.asarray(audio)
         if x.ndim != 2 or x.shape[1] == 0:
             raise ValueError(f"audio must be [n_sounds, n_samples] with samples; got {x.shape}")
-        return [self.embedder.frontend(np.asarray(clip, np.float32)) for clip in x]
+        x = to_float_samples(x)
+        return [self.embedder.frontend(clip) for clip in x]
+
+    def timestamps_ms(self, frames: int) -> np.ndarray:
+        """The centres in ms [T] of the embeddings of a log-mel of ``frames`` frames: every
+        step of every shift, less those centred past the last frame (one always stays)."""
+        hop, pw = self.embedder.patch_w // self.shifts, self.embedder.patch_w
+        count = sum(-(-(frames - k * hop) // pw) for k in range(self.shifts) if frames > k * hop)
+        times = self.first_ms + self.hop_ms * np.arange(count, dtype=np.float64)
+        last_ms = 1000.0 * (frames - 1) * self.embedder.frontend.hop_length / self.sample_rate
+        return times[:max(1, int(np.sum(times <= last_ms)))]
 
     def timestamp_features(self, log_mel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One clip -> (embeddings [T, D] at a regular hop, their centres in ms [T])."""
         hop = self.embedder.patch_w // self.shifts
         runs = [self.embedder.time_features(log_mel[:, k * hop:])
                 for k in range(self.shifts) if log_mel.shape[1] > k * hop]
-        count = sum(len(r) for r in runs)
-        out = np.empty((count, self.timestamp_embedding_size), np.float32)
+        out = np.empty((sum(len(r) for r in runs), self.timestamp_embedding_size), np.float32)
         for k, r in enumerate(runs):   # step j of shift k starts at frame (j * shifts + k) hop
             out[k::len(runs)][: len(r)] = r
-        times = self.first_ms + self.hop_ms * np.arange(count, dtype=np.float64)
-        # steps centred past the last frame (over the padding) are left out; one stays
-        last_ms = 1000.0 * (log_mel.shape[1] - 1) * self.embedder.frontend.hop_length \
-            / self.sample_rate
-        kept = max(1, int(np.sum(times <= last_ms)))
-        return out[:kept], times[:kept]
+        times = self.timestamps_ms(log_mel.shape[1])
+        return out[:len(times)], times
 
     def forward(self, audio) -> torch.Tensor:
         scenes = [self.embedder.clip_embedding(lm) for lm in self.log_mels(audio)]
+        if not scenes:   # an empty batch
+            return torch.zeros((0, self.scene_embedding_size), dtype=torch.float32)
         return torch.from_numpy(np.stack(scenes).astype(np.float32))
 
 
@@ -98,7 +109,12 @@ def get_scene_embeddings(audio, model: HearModel) -> torch.Tensor:
 def get_timestamp_embeddings(audio, model: HearModel) -> tuple[torch.Tensor, torch.Tensor]:
     """[n_sounds, n_samples] -> (float32 [n_sounds, n_timestamps, D], float32 timestamps
     [n_sounds, n_timestamps] in milliseconds, centred on the frames each embedding covers)."""
-    pairs = [model.timestamp_features(lm) for lm in model.log_mels(audio)]
+    log_mels = model.log_mels(audio)
+    if not log_mels:   # an empty batch: the shapes its sounds' length would give
+        times = model.timestamps_ms(model.embedder.frontend.frames(int(audio.shape[1])))
+        return (torch.zeros((0, len(times), model.timestamp_embedding_size)),
+                torch.zeros((0, len(times))))
+    pairs = [model.timestamp_features(lm) for lm in log_mels]
     embeddings = np.stack([e for e, _ in pairs])
     timestamps = np.stack([t for _, t in pairs]).astype(np.float32)
     return torch.from_numpy(embeddings), torch.from_numpy(timestamps)

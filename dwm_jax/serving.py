@@ -19,8 +19,10 @@ from dwm_jax._extras import require
 
 require("export", "flax", "orbax", "flatbuffers")
 
+import hashlib
 import json
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -58,49 +60,74 @@ def export_encoder(encoder, platforms=PLATFORMS) -> jax.export.Exported:
     return jax.export.export(jax.jit(encoder_features_fn(encoder)), platforms=platforms)(spec)
 
 
+class ServingFileError(ValueError):
+    """A serialised encoder that cannot be used as it is (the message names the file)."""
+
+
 def save(workdir: str, out_dir: str, step: int | None = None) -> str:
     """Writes ``out_dir/encoder-<step>.stablehlo`` and its side-car ``.json`` (input shape,
-    patch size, normalisation); returns the program's path."""
+    patch size, normalisation, the program's SHA-256); returns the program's path."""
     w_step = _step_of(workdir, step)
     encoder, stats, _ = weights.load_encoder(workdir, w_step)
     exported = export_encoder(encoder)
     path = os.path.join(out_dir, f"encoder-{w_step}.stablehlo")
-    with open(path + ".tmp", "wb") as f:
-        f.write(exported.serialize())
-    os.replace(path + ".tmp", path)
-    side = dict(format_version=FORMAT_VERSION, input="normalised log-mel [B, F, pw * t]",
-                output="[B, t, Fp * dim]", n_mels=encoder.input_shape[0],
-                max_frames=encoder.input_shape[1], patch_size=list(encoder.patch_size),
-                feature_size=encoder.grid[0] * encoder.size.dim,
-                norm_stats=dict(mean=stats.mean, std=stats.std),
-                platforms=list(exported.platforms))
-    with open(path + ".json.tmp", "w") as f:
-        json.dump(side, f, indent=1)
-    os.replace(path + ".json.tmp", path + ".json")
+    _write_with_sidecar(path, bytes(exported.serialize()), _sidecar(
+        encoder, stats, platforms=list(exported.platforms)))
     return path
 
 
 def save_onnx(workdir: str, out_dir: str, step: int | None = None) -> str:
-    """Writes ``out_dir/encoder-<step>.onnx`` (jax2onnx): the same features as
-    :func:`save`'s program with a symbolic batch and the time fixed at the encoder's input
-    width (the full chunks of a clip; symbolic time is refused by onnxruntime, see the
-    export guide). Needs ``jax2onnx`` and ``onnxruntime`` (not dependencies of this
-    package: their pins conflict with Orbax's, see the export guide)."""
+    """Writes ``out_dir/encoder-<step>.onnx`` (jax2onnx) and its side-car ``.json``: the
+    same features as :func:`save`'s program with a symbolic batch and the time fixed at the
+    encoder's input width (the full chunks of a clip; symbolic time is refused by
+    onnxruntime, see the export guide). Needs ``jax2onnx`` and ``onnxruntime`` (not
+    dependencies of this package: their pins conflict with Orbax's, see the export guide)."""
+    jax2onnx = _jax2onnx()
+    w_step = _step_of(workdir, step)
+    encoder, stats, _ = weights.load_encoder(workdir, w_step)
+    path = os.path.join(out_dir, f"encoder-{w_step}.onnx")
+    model = jax2onnx.to_onnx(encoder_features_fn(encoder),
+                             [("B", *encoder.input_shape)], model_name="dwm_jax_encoder",
+                             input_names=["log_mel"], output_names=["features"])
+    _write_with_sidecar(path, model.SerializeToString(), _sidecar(
+        encoder, stats, input="normalised log-mel [B, F, max_frames]"))
+    return path
+
+
+def _jax2onnx():
+    """The jax2onnx module; ImportError saying how to install it."""
     try:
         import jax2onnx
     except ImportError:
         raise ImportError("ONNX export needs jax2onnx (pip install --no-deps jax2onnx onnx "
                           "onnx-ir onnxruntime; see docs/guides/export.md)") from None
-    w_step = _step_of(workdir, step)
-    encoder, _, _ = weights.load_encoder(workdir, w_step)
-    path = os.path.join(out_dir, f"encoder-{w_step}.onnx")
-    model = jax2onnx.to_onnx(encoder_features_fn(encoder),
-                             [("B", *encoder.input_shape)], model_name="dwm_jax_encoder",
-                             input_names=["log_mel"], output_names=["features"])
+    return jax2onnx
+
+
+def check_onnx_available() -> None:
+    """ImportError (how to install it) unless ONNX export can run: checked before writing."""
+    _jax2onnx()
+
+
+def _sidecar(encoder, stats, **extra) -> dict:
+    side = dict(format_version=FORMAT_VERSION, input="normalised log-mel [B, F, pw * t]",
+                output="[B, t, Fp * dim]", n_mels=encoder.input_shape[0],
+                max_frames=encoder.input_shape[1], patch_size=list(encoder.patch_size),
+                feature_size=encoder.grid[0] * encoder.size.dim,
+                norm_stats=dict(mean=stats.mean, std=stats.std))
+    return {**side, **extra}
+
+
+def _write_with_sidecar(path: str, payload: bytes, side: dict) -> None:
+    """``path`` and ``path.json`` (with the payload's SHA-256), each written to a temporary
+    name and renamed; the side-car last, so a file with a side-car is whole."""
     with open(path + ".tmp", "wb") as f:
-        f.write(model.SerializeToString())
+        f.write(payload)
     os.replace(path + ".tmp", path)
-    return path
+    side["sha256"] = hashlib.sha256(payload).hexdigest()
+    with open(path + ".json.tmp", "w") as f:
+        json.dump(side, f, indent=1)
+    os.replace(path + ".json.tmp", path + ".json")
 
 
 def _step_of(workdir: str, step: int | None) -> int:
@@ -117,8 +144,69 @@ def _step_of(workdir: str, step: int | None) -> int:
     return latest
 
 
-def load(path: str):
-    """The serialised encoder as a callable on normalised log-mel [B, F, pw * t]."""
+def read_verified(path: str) -> tuple[bytes, dict]:
+    """A serialised encoder's bytes and side-car, its SHA-256 checked against the side-car's
+    (ServingFileError naming the file when they differ or the side-car is unreadable). A
+    file without a side-car is read unchecked, with a warning."""
     with open(path, "rb") as f:
-        exported = jax.export.deserialize(bytearray(f.read()))
-    return exported.call
+        payload = f.read()
+    try:
+        with open(path + ".json") as f:
+            side = json.load(f)
+    except FileNotFoundError:
+        warnings.warn(f"{path}: no side-car {os.path.basename(path)}.json, so the file cannot "
+                      "be checked for damage", stacklevel=2)
+        return payload, {}
+    except (OSError, ValueError) as e:
+        raise ServingFileError(f"{path}.json: unreadable side-car ({e})") from None
+    if not isinstance(side, dict):
+        raise ServingFileError(f"{path}.json: the side-car is not a JSON object")
+    expected = side.get("sha256")
+    if expected is not None and hashlib.sha256(payload).hexdigest() != expected:
+        raise ServingFileError(f"{path}: damaged (its SHA-256 is not the one written at "
+                               "export in its side-car); export it again")
+    return payload, side
+
+
+def load(path: str):
+    """The serialised encoder as a callable on normalised log-mel [B, F, pw * t] (t <= the
+    exported width); the file is checked against its side-car's hash first."""
+    payload, side = read_verified(path)
+    try:
+        exported = jax.export.deserialize(bytearray(payload))
+    except Exception as e:  # flatbuffers' struct.error, IndexError, ...: not a program
+        raise ServingFileError(f"{path}: damaged or truncated, not a serialised jax.export "
+                               f"program ({type(e).__name__})") from None
+    (_, n_mels, _), = [a.shape for a in exported.in_avals]
+    max_frames = side.get("max_frames")
+    pw = (side.get("patch_size") or [0, 0])[1]
+
+    def features(x):
+        shape = tuple(getattr(x, "shape", ()))
+        if len(shape) != 3 or shape[1] != n_mels:
+            raise ValueError(f"{path}: expects normalised log-mel [B, {n_mels}, frames]; got "
+                             f"{shape}")
+        if max_frames and shape[2] > max_frames:
+            raise ValueError(f"{path}: at most {max_frames} frames per call (the exported "
+                             f"width); got {shape[2]}: cut the log-mel into chunks")
+        if pw and shape[2] % pw:
+            raise ValueError(f"{path}: frames must be a multiple of the patch width {pw}; "
+                             f"got {shape[2]}: pad the log-mel with zeros")
+        return exported.call(x)
+    return features
+
+
+def load_onnx(path: str):
+    """An ``onnxruntime.InferenceSession`` of an ONNX encoder this package wrote, the file
+    checked against its side-car's hash first (needs onnxruntime)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError("loading an ONNX encoder needs onnxruntime (pip install "
+                          "onnxruntime)") from None
+    payload, _ = read_verified(path)
+    try:
+        return onnxruntime.InferenceSession(payload)
+    except Exception as e:  # onnxruntime's own error types
+        raise ServingFileError(f"{path}: damaged or truncated, not an ONNX model "
+                               f"({type(e).__name__})") from None

@@ -129,6 +129,32 @@ def test_the_model_card_says_how_to_use_the_file(trained_run, tmp_path):
     assert card["heads"] == 2
 
 
+@pytest.mark.parametrize("folder", ["../../escaped", "/tmp/absolute", "a/b", ".."])
+def test_an_authors_folder_that_is_a_path_is_refused(trained_run, tmp_path, folder):
+    with pytest.raises(export.ExportError, match="a folder name, not a path"):
+        export.export(trained_run, str(tmp_path / "out"), fmt="npz", authors_folder=folder)
+    assert not (tmp_path / "out").exists() and not (tmp_path.parent / "escaped").exists()
+
+
+def test_a_failed_export_leaves_nothing_behind(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "jax2onnx", None)     # not installed
+    with pytest.raises(ImportError, match="ONNX export needs jax2onnx"):
+        export.export(trained_run, str(tmp_path / "out"), fmt="npz", onnx=True)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "mine.txt").write_text("a user's file")
+
+    def broken(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(serving, "save", broken)         # fails after the checkpoint's write
+    for out, folder in ((tmp_path / "new", "m2d_x"), (tmp_path / "kept", "")):
+        with pytest.raises(OSError, match="disk full"):
+            export.export(trained_run, str(out), fmt="npz", serving_export=True,
+                          authors_folder=folder)
+    assert not (tmp_path / "new").exists()
+    assert os.listdir(tmp_path / "kept") == ["mine.txt"]
+
+
 def test_the_serialised_encoder_equals_the_embedder(trained_run, tmp_path):
     path = serving.save(trained_run, str(tmp_path))
     side = json.load(open(path + ".json"))
@@ -147,6 +173,30 @@ def test_the_serialised_encoder_equals_the_embedder(trained_run, tmp_path):
             assert np.abs(got - want[None]).max() <= 1e-5 * scale
 
 
+def test_a_damaged_or_foreign_serialised_encoder_is_refused_naming_the_file(
+        trained_run, tmp_path):
+    path = serving.save(trained_run, str(tmp_path))
+    assert json.load(open(path + ".json"))["sha256"]
+    features = serving.load(path)
+    with pytest.raises(ValueError, match=r"at most 64 frames per call .* got 80"):
+        features(np.zeros((1, 80, 80), np.float32))
+    with pytest.raises(ValueError, match="multiple of the patch width 16"):
+        features(np.zeros((1, 80, 24), np.float32))
+    data = bytearray(open(path, "rb").read())
+    middle = len(data) // 2
+    data[middle:middle + 4] = bytes(255 - b for b in data[middle:middle + 4])
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(serving.ServingFileError, match=f"{path}: damaged"):
+        serving.load(path)
+    # without a side-car: a truncated or random file is named, not a struct.error
+    for name, payload in (("cut.stablehlo", bytes(data[:100])),
+                          ("random.stablehlo", np.random.default_rng(0).bytes(4096))):
+        open(tmp_path / name, "wb").write(payload)
+        with pytest.warns(UserWarning, match="cannot be checked"), pytest.raises(
+                serving.ServingFileError, match=f"{name}: damaged or truncated"):
+            serving.load(str(tmp_path / name))
+
+
 @pytest.mark.slow
 def test_export_cli_errors_are_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "dwm_jax.export", str(tmp_path / "none"),
@@ -162,7 +212,7 @@ def test_the_onnx_encoder_equals_the_embedder_on_whole_chunks(trained_run, tmp_p
                         "it without its Orbax pin)")
     ort = pytest.importorskip("onnxruntime")
     path = serving.save_onnx(trained_run, str(tmp_path))
-    session = ort.InferenceSession(path)
+    session = serving.load_onnx(path)
     emb = Embedder.from_workdir(trained_run)
     rng = np.random.default_rng(0)
     for batch in (1, 3):                    # the batch is symbolic

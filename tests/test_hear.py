@@ -92,6 +92,28 @@ def test_bad_audio_is_refused_in_one_line(model):
         hear.load_model()
 
 
+def test_integer_pcm_is_scaled_as_a_file_would_be_and_bool_refused(model):
+    audio = _noise(2, 1.3, model.sample_rate)
+    pcm = torch.round(audio * 32767).to(torch.int16)
+    as_float = pcm.to(torch.float32) / 32768
+    assert torch.equal(hear.get_scene_embeddings(pcm, model),
+                       hear.get_scene_embeddings(as_float, model))
+    got, _ = hear.get_timestamp_embeddings(pcm, model)
+    want, _ = hear.get_timestamp_embeddings(as_float, model)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="dtype bool"):
+        hear.get_scene_embeddings(audio > 0, model)
+
+
+def test_an_empty_batch_gives_empty_outputs_of_the_right_shapes(model):
+    empty = torch.zeros((0, int(2.74 * model.sample_rate)))
+    scene = hear.get_scene_embeddings(empty, model)
+    assert scene.shape == (0, model.scene_embedding_size) and scene.dtype == torch.float32
+    emb, ts = hear.get_timestamp_embeddings(empty, model)
+    full_emb, full_ts = hear.get_timestamp_embeddings(_noise(1, 2.74, model.sample_rate), model)
+    assert emb.shape == (0,) + full_emb.shape[1:] and ts.shape == (0, full_ts.shape[1])
+
+
 @pytest.mark.slow
 def test_hearvalidator_accepts_the_module(trained_run, monkeypatch, capsys):
     """hearvalidator (PyPI) itself. It imports tensorflow for its tf.Module branch only;
