@@ -17,7 +17,8 @@ detected events. Scored as sed_eval does (``tests/test_sed.py`` compares):
 * PSDS (psds_eval, DCASE's scenario 1 settings) over the thresholds, where psds_eval is
   installed and runs (its 0.5.3 fails under NumPy 2 and pandas 3: the error is recorded).
 
-The reference events are read from the frame targets (runs at 10 ms resolution).
+The reference events are read from the frame targets (runs at 10 ms resolution): same-class
+rows of a table that overlap or meet are one event (the build merges them and says so).
 """
 
 from __future__ import annotations

@@ -54,11 +54,47 @@ def test_strong_labels_become_frame_targets_at_the_front_ends_rate(tmp_path):
     ("z.wav\t0.5\t1.0\tdog", r"events.tsv:2: z.wav is not a file of the dataset"),
     ("a.wav\tsoon\t1.0\tdog", r"events.tsv:2: onset 'soon' / offset '1.0' are not times"),
     ("a.wav\t0.5\t1.0\t ", r"events.tsv:2: empty label"),
+    ("a.wav\t0.5\tinf\tdog", r"events.tsv:2: offset inf must be a finite time"),
+    ("a.wav\t-inf\t1.0\tdog", r"events.tsv:2: onset -inf must be a finite time >= 0"),
 ])
 def test_bad_event_rows_are_named(tmp_path, row, message):
     cfg = _folder(tmp_path, [row])
     with pytest.raises(ValueError, match=message):
         data.build("audio_folder", str(tmp_path / "d"), config=cfg)
+
+
+def test_one_file_named_two_ways_keeps_every_event_and_overlaps_are_merged(tmp_path, capsys):
+    """c.wav, ./c.wav and its absolute path are one file: all their rows count. Two dog rows
+    that overlap become one reference event, as the frame targets hold them; scored against
+    that event our event F1 is sed_eval's."""
+    absolute = tmp_path / "clips" / "c.wav"
+    cfg = _folder(tmp_path, ["c.wav\t0.0\t1.0\tdog", "./c.wav\t0.5\t1.5\tdog",
+                             f"{absolute}\t1.7\t1.9\tbird", "b.wav\t0.2\t0.4\tdog",
+                             "./b.wav\t0.4\t0.6\tdog"])
+    data.build("audio_folder", str(tmp_path / "d"), config=cfg)
+    err = capsys.readouterr().err
+    assert "2 event row(s) of" in err and "are merged with it" in err, err
+    split = data.open_split(str(tmp_path / "d"), "audio_folder/sed", "train")
+    by_name = {split.source[i]["filename"].decode(): split.source[i] for i in range(len(split))}
+    targets = by_name["c.wav"]["frame_labels"]
+    assert targets[1, 0:150].all() and not targets[1, 150:].any()       # dog 0 .. 1.5
+    assert targets[0, 170:190].all() and targets[0].sum() == 20          # bird 1.7 .. 1.9
+    reference = [sed.reference_events(by_name[n]["frame_labels"], 100.0, split.event_labels)
+                 for n in ("b.wav", "c.wav")]
+    assert [[(round(on, 6), round(off, 6), label) for on, off, label in r]
+            for r in reference] == [[(0.2, 0.6, "dog")], [(1.7, 1.9, "bird"), (0.0, 1.5, "dog")]]
+    estimated = [[(0.2, 0.6, "dog")], [(0.0, 1.5, "dog"), (1.7, 1.9, "bird")]]
+    ours = sed.event_metrics(reference, estimated, 0.2, 0.2)["f1"]
+    sed_eval = pytest.importorskip("sed_eval")
+    dcase_util = pytest.importorskip("dcase_util")
+    metric = sed_eval.sound_event.EventBasedMetrics(event_label_list=["bird", "dog"],
+                                                    t_collar=0.2, percentage_of_length=0.2)
+    for i, (ref, est) in enumerate(zip(reference, estimated)):
+        metric.evaluate(*(dcase_util.containers.MetaDataContainer([
+            dict(filename=f"f{i}", onset=on, offset=off, event_label=label)
+            for on, off, label in found]) for found in (ref, est)))
+    assert ours == 1.0 == pytest.approx(metric.results_overall_metrics()[
+        "f_measure"]["f_measure"])
 
 
 # ---------------------------------------------------------------------------- the metrics

@@ -344,14 +344,22 @@ class AudioFolder(_LogMelBuilder):
         except events_lib.EventsError as e:
             raise BuildError(f"audio_folder/{cfg.name}: {e}") from None
         by_path = {r.path: r for r in rows}
-        attached: dict[str, tuple] = {}
-        for name, found in table.items():
+        attached: dict[str, list] = {}
+        for name, found in table.items():   # one file may be written several ways
             path = os.path.normpath(os.path.join(cfg.audio_dir, name))
             if path not in by_path:
                 raise BuildError(f"{found[0].where}: {name} is not a file of the dataset "
                                  f"(audio_dir {cfg.audio_dir}, {cfg.csv or 'all files'})")
-            attached[path] = tuple(found)
-        return [dataclasses.replace(r, events=attached.get(r.path, ())) for r in rows]
+            attached.setdefault(path, []).extend(found)
+        fps = events_lib.frames_per_second(cfg.frontend)
+        merged = {path: events_lib.merge_overlapping(found, fps)
+                  for path, found in attached.items()}
+        joined = sum(len(attached[p]) - len(merged[p]) for p in merged)
+        if joined:
+            print(f"audio_folder/{cfg.name}: {joined} event row(s) of {cfg.events} overlap or "
+                  "meet another of their class in the same file and are merged with it (the "
+                  "frame targets cannot tell them apart)", file=sys.stderr)
+        return [dataclasses.replace(r, events=tuple(merged.get(r.path, ()))) for r in rows]
 
     def _event_labels(self) -> tuple[str, ...]:
         return _sorted_labels(e.label for r in self._rows() for e in r.events)

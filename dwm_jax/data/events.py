@@ -59,8 +59,10 @@ def read_events(path: str, columns: tuple[str, ...] = EVENT_COLUMNS) -> dict[str
             label = rec[label_col].strip()
             if not label:
                 raise EventsError(f"{where}: empty label in column {label_col!r}")
-            if not (math.isfinite(onset) and math.isfinite(offset)) or onset < 0:
-                raise EventsError(f"{where}: onset {onset} must be a time >= 0")
+            if not math.isfinite(onset) or onset < 0:
+                raise EventsError(f"{where}: onset {onset} must be a finite time >= 0")
+            if not math.isfinite(offset):
+                raise EventsError(f"{where}: offset {offset} must be a finite time")
             if offset <= onset:
                 raise EventsError(f"{where}: offset {offset} is not after onset {onset}")
             out.setdefault(rec[name_col].strip(), []).append(
@@ -70,6 +72,23 @@ def read_events(path: str, columns: tuple[str, ...] = EVENT_COLUMNS) -> dict[str
 
 def frames_per_second(frontend) -> float:
     return frontend.sample_rate / frontend.hop_length
+
+
+def merge_overlapping(events: list[Event], fps: float) -> list[Event]:
+    """One file's events with the same-class events whose frames overlap or meet (frame
+    spans ``floor(onset * fps)`` .. ``ceil(offset * fps)``) joined into one, from the first
+    onset to the last offset: the frame targets cannot tell such events apart, so they are
+    one reference event when scored. Sorted by label, then onset."""
+    out: list[Event] = []
+    for e in sorted(events, key=lambda e: (e.label, e.onset, e.offset)):
+        last = out[-1] if out else None
+        if last and last.label == e.label and \
+                math.floor(e.onset * fps) <= math.ceil(last.offset * fps):
+            out[-1] = Event(f"{last.where}+{e.where.rsplit(':', 1)[-1]}", last.onset,
+                            max(last.offset, e.offset), e.label)
+        else:
+            out.append(e)
+    return out
 
 
 def frame_targets(events, num_frames: int, fps: float, index: dict[str, int],
