@@ -295,9 +295,9 @@ def _thresholds(v):
 
 # Frame-level evaluation (eval.py on a dataset built with an events table; configs/sed.py).
 SED_FIELDS: tuple[Field, ...] = (
-    F("median_window_s", 0.48, _number(0.0),
+    F("median_window_s", 0.48, _number(0.0, 60.0),
       "median filter over the step probabilities, in seconds (an odd number of steps; 0: "
-      "none)"),
+      "none; at most the task's longest clip)"),
     F("thresholds", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), _thresholds,
       "decision thresholds: the best on valid (segment F1) scores test; all make PSDS"),
     F("segment_s", 1.0, _number(0.0, low_open=True), "segment of the segment-based metrics"),

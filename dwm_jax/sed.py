@@ -222,6 +222,10 @@ def _scores(split: _Split, detected, cfg) -> dict:
 
 def probe_frames(train: _Split, valid: _Split, test: _Split, cfg, step_s: float) -> dict:
     """Fits the per-step classifier, picks the threshold on valid, scores test."""
+    longest = max(valid.seconds + test.seconds)
+    if cfg.median_window_s > longest:
+        raise probe.ProbeError(f"--sed.median_window_s={cfg.median_window_s:g} is longer than "
+                               f"the task's longest clip ({longest:.2f} s)")
     xtr, xva, xte = probe.standardise(train.x, valid.x, test.x)
     params, info = probe.train_multilabel(xtr, train.y, xva, valid.y)
     window = max(1, int(round(cfg.median_window_s / step_s))) | 1

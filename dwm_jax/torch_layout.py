@@ -319,15 +319,24 @@ _NAME = re.compile(r"-(\d+)x(\d+)p(\d+)x(\d+)(?:-|$|p|\b)")
 
 
 def pair_of(value, what: str) -> tuple[int, int]:
-    if isinstance(value, str):
-        value = [int(v) for v in value.lower().split("x")]
-    if isinstance(value, (int, np.integer)):
-        value = [int(value)] * 2
-    value = tuple(int(v) for v in value)
+    """``value`` (``16``, ``"16x16"``, ``[16, 16]``) -> two positive integers; ConversionError
+    naming ``what`` (the flag or the args key) otherwise."""
+    given = value
+    try:
+        if isinstance(value, str):
+            value = [int(v) for v in value.lower().split("x")]
+        if isinstance(value, (int, np.integer)):
+            value = [int(value)] * 2
+        if isinstance(value, bool) or any(isinstance(v, (bool, float)) and v != int(v)
+                                          for v in value):
+            raise ValueError
+        value = tuple(int(v) for v in value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConversionError(f"{what} {given!r} is not two positive integers") from None
     if len(value) == 1:
         value = value * 2
     if len(value) != 2 or min(value) < 1:
-        raise ConversionError(f"{what} {value!r} is not two positive integers")
+        raise ConversionError(f"{what} {given!r} is not two positive integers")
     return value
 
 

@@ -185,6 +185,24 @@ def test_safetensors_args_that_cannot_be_used_are_named(tmp_path, capsys, args, 
     assert err.count("\n") == 1 and re.search(message, err), err
 
 
+@pytest.mark.parametrize("args,message", [
+    ({"input_size": "abc"}, "args.input_size 'abc' is not two positive integers"),
+    ({"input_size": [80, "x"]}, r"args.input_size \[80, 'x'\] is not two positive"),
+    ({"input_size": [80.5, 208]}, "args.input_size .* is not two positive integers"),
+    ({"patch_size": "abc"}, "args.patch_size 'abc' is not two positive integers"),
+])
+def test_safetensors_args_with_a_size_that_is_no_number_are_named(tmp_path, capsys, args,
+                                                                  message):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    _, weights = _fixture("m2d")
+    safetensors_numpy.save_file(_encoder_only(weights), str(tmp_path / "e.safetensors"),
+                                metadata={"args": json.dumps(args)})
+    assert _convert(tmp_path / "e.safetensors", tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("convert: ") and err.count("\n") == 1 and re.search(message, err), err
+    assert not os.path.exists(tmp_path / "run")
+
+
 @pytest.mark.parametrize("precision", ["float16", "bfloat16"])
 def test_half_precision_weights_convert_and_say_so(tmp_path, precision):
     import ml_dtypes

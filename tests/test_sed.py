@@ -1,6 +1,8 @@
 """Frame-level evaluation: strong labels in the data layer, the SED metrics against sed_eval
 and hand-computed values, and the frame-level probe end to end."""
 
+import types
+
 import numpy as np
 import pytest
 
@@ -172,6 +174,20 @@ def test_metrics_agree_with_sed_eval(seed):
     assert ours_seg["error_rate"] == pytest.approx(theirs_seg["error_rate"]["error_rate"],
                                                    abs=1e-9)
     assert ours_ev["f1"] == pytest.approx(theirs_ev["f_measure"]["f_measure"], abs=1e-9)
+
+
+def test_a_median_window_beyond_the_clips_is_refused_naming_the_flag():
+    from dwm_jax import config as config_lib
+    from dwm_jax import probe
+    cfg = config_lib.sed_base()
+    cfg.median_window_s = 1e9
+    with pytest.raises(config_lib.ConfigError, match=r"--sed.median_window_s must be <= 60"):
+        config_lib.check_sed(cfg)
+    cfg.median_window_s = 12.0                       # within the schema, beyond these clips
+    clips = types.SimpleNamespace(seconds=[10.0, 4.0])
+    with pytest.raises(probe.ProbeError, match=r"--sed.median_window_s=12 is longer than the "
+                       r"task's longest clip \(10.00 s\)"):
+        sed.probe_frames(clips, clips, clips, cfg, step_s=0.16)
 
 
 def test_post_processing():
