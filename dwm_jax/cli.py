@@ -29,13 +29,32 @@ def describe_os_error(e: OSError) -> str:
     return f"{where}: {reason}" if where else reason
 
 
+def _overrides(argv: list[str], config_flags) -> list[str]:
+    """The ``--<config flag>.<field>`` overrides in ``argv``, without their values."""
+    return [a.split("=")[0] for a in argv[1:]
+            if any(a.startswith(f"--{c}.") for c in config_flags)]
+
+
 def _unknown_field(prog: str, error: Exception, argv: list[str], config_flags) -> None:
     name = str(error).strip("\"'")
-    given = [a.split("=")[0] for a in argv[1:]
-             if any(a.startswith(f"--{c}.") for c in config_flags)
-             and a.split("=")[0].split(".")[-1] == name]
-    flag = given[0] if given else f"--{config_flags[0]}...{name}"
-    fail(prog, f"{flag}: the config has no field {name!r}")
+    for flag in _overrides(argv, config_flags):
+        path = flag.split(".")[1:]
+        if name in path:   # the field up to the first name the config lacks
+            field = ".".join(path[:path.index(name) + 1])
+            fail(prog, f"{flag}: the config has no field {field!r}")
+            return
+    fail(prog, f"--{config_flags[0]}.<...>.{name}: the config has no field {name!r}")
+
+
+def _repeated_override(argv: list[str], config_flags) -> str | None:
+    """The first ``--<config flag>.<field>`` given more than once (absl would join a tuple
+    field's values or keep the last one silently)."""
+    seen = set()
+    for flag in _overrides(argv, config_flags):
+        if flag in seen:
+            return flag
+        seen.add(flag)
+    return None
 
 
 def define_config_file(prog: str, name: str, default: str, help_text: str):
@@ -56,6 +75,10 @@ def flags_parser(prog: str, config_flags: tuple[str, ...] = ("config",)):
     from absl import flags
 
     def parse(argv):
+        repeated = _repeated_override(argv, config_flags)
+        if repeated:
+            fail(prog, f"{repeated} is given more than once; give it once")
+            sys.exit(2)
         try:
             return flags.FLAGS(argv)
         except flags.Error as e:  # a config file's own exception arrives with its traceback

@@ -162,7 +162,8 @@ def _tiny_folder_dataset(root, data_dir, seed):
 
 
 @pytest.mark.slow
-def test_resume_refuses_another_run_and_records_accepted_changes(synthetic_small, tmp_path):
+def test_resume_refuses_another_run_and_records_accepted_changes(synthetic_small, tmp_path,
+                                                                 caplog):
     """A resumed run with another masker, ratio, batch or dataset would silently become
     another run: refused, naming the field. Logging and checkpoint cadence may change: the
     change is recorded and config.json follows it."""
@@ -184,6 +185,17 @@ def test_resume_refuses_another_run_and_records_accepted_changes(synthetic_small
     assert {(c["field"], c["checkpoint"], c["now"]) for c in changes} == {
         ("log_every", 1, 2), ("ckpt_every", 4, 2)}
     assert json.load(open(os.path.join(workdir, "config.json")))["log_every"] == 2
+    # config.json edited by hand: the run resumes with the checkpoint's values and says so
+    path = os.path.join(workdir, "config.json")
+    edited = json.load(open(path))
+    in_force, edited["masking"]["mask_ratio"] = edited["masking"]["mask_ratio"], 0.9
+    json.dump(edited, open(path, "w"))
+    with caplog.at_level("WARNING"):
+        train_lib.train(micro_config(synthetic_small[0], total_steps=4, log_every=2,
+                                     ckpt_every=2), workdir, progress=False)
+    assert json.load(open(path))["masking"]["mask_ratio"] == in_force != 0.9
+    assert "config.json differed from the config this run resumes with (masking.mask_ratio)" \
+        in caplog.text
 
     # the same name and clip count, other audio: refused; the same build moved: accepted
     one, two = str(tmp_path / "d1"), str(tmp_path / "d2")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from dwm_jax import cli
 from dwm_jax import config as config_lib
 from dwm_jax import train as train_lib
 
@@ -96,6 +97,28 @@ def test_train_cli_refuses_in_one_line_and_writes_nothing(tmp_path, override, ma
     assert len(lines) == 1 and lines[0].startswith("train.py: error:"), res.stderr[-2000:]
     assert match in lines[0]
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--config.model.input_shape=80,96", "--config.model.input_shape=80,100"],
+     "--config.model.input_shape is given more than once; give it once"),
+    (["--config.seed=1", "--config.seed=2"], "--config.seed is given more than once"),
+])
+def test_an_override_given_twice_is_refused(argv, message, capsys):
+    parse = cli.flags_parser("train.py")
+    with pytest.raises(SystemExit) as e:
+        parse(["train.py", "--config=configs/demo.py", *argv])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"train.py: error: {message}\n"
+
+
+@pytest.mark.parametrize("flag,field", [("--config.model.foo", "model.foo"),
+                                        ("--config.model.foo.bar", "model.foo"),
+                                        ("--config.foo.bar", "foo")])
+def test_an_unknown_nested_field_is_named_as_given(flag, field, capsys):
+    cli._unknown_field("train.py", KeyError("foo"), ["train.py", f"{flag}=1"], ("config",))
+    assert capsys.readouterr().err == (f"train.py: error: {flag}: the config has no field "
+                                       f"{field!r}\n")
 
 
 def test_a_workdir_that_is_a_file_is_refused(tmp_path):

@@ -211,8 +211,8 @@ def _start_or_resume(cfg, workdir, setup, ckpt, target, shardings, inputs, meta)
     found = resume.restore_or_none(ckpt, workdir, target, inputs, meta, warn=log.error)
     if found is not None:
         start, state, changes = found
-        if changes and is_main:
-            run_io.record_changes(workdir, start, changes, meta["config"])
+        if is_main:
+            _note_config_in_force(workdir, start, changes, meta["config"])
         log.info("resumed from step %d in %s", start, ckpt.directory)
         return start, state
     state = jax.jit(lambda: build.init_state(setup, cfg.seed), out_shardings=shardings)()
@@ -222,6 +222,17 @@ def _start_or_resume(cfg, workdir, setup, ckpt, target, shardings, inputs, meta)
     if is_main:
         run_io.write_config(workdir, meta["config"])
     return 0, state
+
+
+def _note_config_in_force(workdir: str, start: int, changes, config: dict) -> None:
+    """On resume: records the accepted changes and makes config.json the config in force,
+    saying which of its values (edited by hand) the run does not use."""
+    if changes:
+        run_io.record_changes(workdir, start, changes)
+    edited = set(run_io.sync_config(workdir, config)) - {c[0] for c in changes}
+    if edited:
+        log.warning("config.json differed from the config this run resumes with (%s): "
+                    "rewritten with the values in use", ", ".join(sorted(edited)))
 
 
 def _save_unless_saved(ckpt, monitor, step: int, state, inputs, meta):

@@ -24,13 +24,39 @@ def write_config(workdir: str, config: dict) -> None:
         json.dump(config, f, indent=1)
 
 
-def record_changes(workdir: str, step: int, changes, config: dict):
-    """Notes accepted config changes in ``config_changes.jsonl`` and makes config.json the
-    config now in force."""
+def sync_config(workdir: str, config: dict) -> list[str]:
+    """Makes config.json the config in force when a resumed run finds it otherwise (edited
+    by hand, or missing); returns the fields that differed (``['(the whole file)']`` when it
+    was unreadable)."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        found = None
+    if found == config:
+        return []
+    differ = ["(the whole file)"] if not isinstance(found, dict) else sorted(
+        _differing_fields(found, config))
+    write_config(workdir, config)
+    return differ
+
+
+def _differing_fields(a: dict, b: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key in set(a) | set(b):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out |= _differing_fields(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.add(f"{prefix}{key}")
+    return out
+
+
+def record_changes(workdir: str, step: int, changes):
+    """Notes accepted config changes in ``config_changes.jsonl``."""
     with open(os.path.join(workdir, "config_changes.jsonl"), "a") as f:
         for field, old, new in changes:
             f.write(json.dumps(dict(step=step, field=field, checkpoint=old, now=new)) + "\n")
-    write_config(workdir, config)
     log.warning("resumed at step %d with changed %s (recorded in config_changes.jsonl)", step,
                 ", ".join(c[0] for c in changes))
 
