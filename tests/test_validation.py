@@ -102,7 +102,7 @@ def test_train_cli_refuses_in_one_line_and_writes_nothing(tmp_path, override, ma
 @pytest.mark.parametrize("argv,message", [
     (["--config.model.input_shape=80,96", "--config.model.input_shape=80,100"],
      "--config.model.input_shape is given more than once; give it once"),
-    (["--config.seed=1", "--config.seed=2"], "--config.seed is given more than once"),
+    (["--config.seed=1", "--config.seed=2"], "--config.seed is given more than once; give it once"),
 ])
 def test_an_override_given_twice_is_refused(argv, message, capsys):
     parse = cli.flags_parser("train.py")
