@@ -8,18 +8,21 @@ run, without the venv setup):
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
 import time
 
-TIERS = {"fast": ["-m", "not slow"], "all": []}
+# (pytest arguments, hypothesis examples) as `make test` and `make test-all` run them
+TIERS = {"fast": (["-m", "not slow"], "4"), "all": ([], "10")}
 
 
-def run_tier(extra: list[str]) -> tuple[float, str]:
+def run_tier(extra: list[str], examples: str) -> tuple[float, str]:
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2",
-                          "-p", "no:cacheprovider", *extra], capture_output=True, text=True)
+                          "-p", "no:cacheprovider", *extra], capture_output=True, text=True,
+                         env={**os.environ, "HYPOTHESIS_EXAMPLES": examples})
     lines = [l for l in res.stdout.splitlines() if re.search(r"\d+ (passed|failed)", l)]
     return time.perf_counter() - t0, (lines[-1] if lines else res.stdout[-300:]).strip("= ")
 
@@ -31,7 +34,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     print("| tier | wall | result |\n|---|---:|---|")
     for tier in args.tiers.split(","):
-        seconds, summary = run_tier(TIERS[tier])
+        seconds, summary = run_tier(*TIERS[tier])
         print(f"| {tier} | {seconds / 60:.1f} min | {summary} |", flush=True)
     return 0
 

@@ -1,5 +1,6 @@
 import os
 import shutil
+import time
 
 import pytest
 
@@ -12,6 +13,23 @@ settings.register_profile(
 settings.register_profile("thorough", max_examples=200, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# The fast tier's goal on 2 cores: its time is printed after each run, so drift is seen.
+FAST_TIER_GOAL_S = 300
+_STARTED = [0.0]
+
+
+def pytest_sessionstart(session):
+    _STARTED[0] = time.perf_counter()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if config.getoption("markexpr") == "not slow" and not hasattr(config, "workerinput"):
+        spent = time.perf_counter() - _STARTED[0]
+        verdict = "within" if spent <= FAST_TIER_GOAL_S else "OVER"
+        terminalreporter.write_line(f"fast tier: {spent / 60:.1f} min, {verdict} its goal of "
+                                    f"{FAST_TIER_GOAL_S / 60:.0f} min (docs/testing.md)")
 
 
 @pytest.fixture(scope="session")
