@@ -65,18 +65,13 @@ class Embedder:
         self.frontend = frontend or audio.LogMelFrontEnd()
         self.n_mels, self.frames = encoder.input_shape
         self.patch_w = encoder.patch_size[1]
-        fp, tp = encoder.grid
-        dim = encoder.size.dim
-        self.dim = fp * dim
+        self.dim = encoder.grid[0] * encoder.size.dim
         graphdef, params = nnx.split(encoder)
         self._params = params
 
         @jax.jit
         def chunks_fn(params, x):  # [W, F, T'] normalised -> [W, T' / pw, Fp * dim]
-            tokens = nnx.merge(graphdef, params)(x)[:, 1:].astype(jnp.float32)
-            steps = x.shape[2] // self.patch_w
-            tokens = tokens.reshape(x.shape[0], fp, steps, dim).transpose(0, 2, 1, 3)
-            return tokens.reshape(x.shape[0], steps, fp * dim)
+            return nnx.merge(graphdef, params).time_features(x)
 
         self._chunks_fn = chunks_fn
 

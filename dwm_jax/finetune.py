@@ -55,11 +55,7 @@ class Classifier(nnx.Module):
                                kernel_init=nnx.initializers.normal(0.01))
 
     def features(self, x):
-        fp, dim = self.encoder.grid[0], self.encoder.size.dim
-        tokens = self.encoder(x)[:, 1:].astype(jnp.float32)
-        steps = x.shape[2] // self.encoder.patch_size[1]
-        tokens = tokens.reshape(x.shape[0], fp, steps, dim).transpose(0, 2, 1, 3)
-        return tokens.reshape(x.shape[0], steps, fp * dim).mean(axis=1)
+        return self.encoder.time_features(x).mean(axis=1)
 
     def __call__(self, x):
         return self.head(self.norm(self.features(x)))

@@ -36,13 +36,9 @@ FORMAT_VERSION = 1
 def encoder_features_fn(encoder):
     """A pure function: normalised log-mel [B, F, pw * t] -> features [B, t, Fp * dim]."""
     graphdef, params = nnx.split(encoder)
-    fp, dim, pw = encoder.grid[0], encoder.size.dim, encoder.patch_size[1]
 
     def features(x):
-        tokens = nnx.merge(graphdef, params)(x)[:, 1:].astype(jnp.float32)
-        steps = x.shape[2] // pw
-        tokens = tokens.reshape(x.shape[0], fp, steps, dim).transpose(0, 2, 1, 3)
-        return tokens.reshape(x.shape[0], steps, fp * dim)
+        return nnx.merge(graphdef, params).time_features(x)
     return features
 
 

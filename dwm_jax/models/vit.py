@@ -259,6 +259,17 @@ class Encoder(nnx.Module):
             tokens = jnp.take_along_axis(tokens, ids_keep[..., None], axis=1)
         return self.encode_tokens(tokens)
 
+    def time_features(self, x):
+        """Normalised log-mel [B, F, pw * t] -> per-time-step features [B, t, Fp * dim] in
+        float32: every patch encoded, the tokens of a time step's frequency patches
+        concatenated (feature ``f * dim + d``). The one encoder-to-features layout: the
+        Embedder, fine-tuning and the serialised encoder all read it here."""
+        fp, dim = self.grid[0], self.size.dim
+        tokens = self(x)[:, 1:].astype(jnp.float32)
+        steps = x.shape[2] // self.patch_size[1]
+        tokens = tokens.reshape(x.shape[0], fp, steps, dim).transpose(0, 2, 1, 3)
+        return tokens.reshape(x.shape[0], steps, fp * dim)
+
     def encode_tokens(self, tokens):
         """Embedded patch tokens [B, K, dim] -> [CLS, tokens] through the blocks and final LN."""
         cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype),

@@ -23,7 +23,6 @@ import time
 import zlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -89,21 +88,17 @@ def _train(cfg, workdir: str, progress: bool) -> dict:
     os.makedirs(workdir, exist_ok=True)
     inputs = _inputs(cfg, split, stats, local_batch, mesh)
     setup = build.make_setup(cfg, steps_per_epoch, total_steps)
-    abstract = build.abstract_state(setup, cfg.seed)
-    shardings = sharding.state_shardings(abstract, mesh, fsdp=cfg.fsdp)
-    meta = _meta(cfg, stats, abstract, split, steps_per_epoch, total_steps)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+    program = step_lib.step_program(setup, mesh)
+    meta = _meta(cfg, stats, program.abstract, split, steps_per_epoch, total_steps)
     ckpt = checkpointing.Checkpointer(workdir, keep=cfg.keep_ckpts)
-    start, state = _start_or_resume(cfg, workdir, setup, ckpt, target, shardings, inputs, meta)
+    start, state = _start_or_resume(cfg, workdir, setup, ckpt, program.state,
+                                    program.shardings, inputs, meta)
 
     # compiled from shapes after the checks above, so a refused resume costs no compilation
-    batch_shape = jax.ShapeDtypeStruct((cfg.batch_size, *cfg.model.input_shape), jnp.float32,
-                                       sharding=sharding.batch_sharding(mesh))
     t_compile = time.perf_counter()
-    step_fn = step_lib.jit_train_step(setup, shardings, mesh).lower(target, batch_shape).compile()
+    step_fn = program.lower().compile()
     summary: dict = dict(workdir=workdir, compile_s=time.perf_counter() - t_compile,
-                         flops_per_step=step_lib.step_flops(setup, step_fn, batch_shape,
+                         flops_per_step=step_lib.step_flops(setup, step_fn, program.batch,
                                                             mesh.size),
                          start_step=start, total_steps=total_steps)
     is_main = jax.process_index() == 0

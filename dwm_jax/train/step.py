@@ -7,6 +7,9 @@ no-gradient pass of the current encoder (skipped while the hint schedule holds r
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -95,6 +98,36 @@ def jit_train_step(setup: Setup, state_shardings, mesh):
     return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(state_shardings, sharding.replicated(mesh)),
                    donate_argnums=(0,))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepProgram:
+    """The jitted step with the shapes and shardings of its inputs on a mesh: what
+    ``train.py`` runs and ``python -m dwm_jax.compile`` compiles for a named target.
+    ``abstract`` is the state's shapes, ``state`` the same with their shardings, ``batch``
+    the global batch [B, F, T]."""
+    setup: Setup
+    mesh: jax.sharding.Mesh
+    abstract: Any
+    shardings: Any
+    state: Any
+    batch: jax.ShapeDtypeStruct
+
+    def lower(self):
+        return jit_train_step(self.setup, self.shardings, self.mesh).lower(self.state,
+                                                                          self.batch)
+
+
+def step_program(setup: Setup, mesh) -> StepProgram:
+    """The step of ``setup.config`` over ``mesh`` (real or compile-only devices)."""
+    cfg = setup.config
+    abstract = build.abstract_state(setup, cfg.seed)
+    shardings = sharding.state_shardings(abstract, mesh, fsdp=cfg.fsdp)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         abstract, shardings)
+    batch = jax.ShapeDtypeStruct((cfg.batch_size, *cfg.model.input_shape), jnp.float32,
+                                 sharding=sharding.batch_sharding(mesh))
+    return StepProgram(setup, mesh, abstract, shardings, state, batch)
 
 
 def jit_mask(setup: Setup):
