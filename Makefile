@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo figures test test-all docs bench data-parallel suite suite-data corpus transfer study study-long study-frame \
+.PHONY: demo figures test test-all aot docs bench data-parallel suite suite-data corpus transfer study study-long study-frame \
 	transfer-seeds clean-venv
 
 $(STAMP): setup.cfg pyproject.toml
@@ -66,6 +66,19 @@ $(ONNX_STAMP): $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP)
 	$(PY) -m pip install -q "setuptools<81"
 	touch $(ONNX_STAMP)
 
+# Compiling for TPU and GPU targets (python -m dwm_jax.compile) in a venv of its own: libtpu
+# and the CUDA plugin stay out of the main venv, whose jax then starts only its CPU backend
+AOT_VENV  := .venv-aot
+AOT_STAMP := $(AOT_VENV)/.installed
+$(AOT_STAMP): setup.cfg pyproject.toml
+	test -x $(AOT_VENV)/bin/python || $(PYTHON) -m venv $(AOT_VENV)
+	$(AOT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(AOT_VENV)/bin/python -m pip install -q -e '.[tpu,cuda]' || \
+	    echo "libtpu or the CUDA plugin could not be installed: the compile tests will be skipped"
+	touch $(AOT_STAMP)
+
+aot: $(AOT_STAMP)
+
 # the documentation site: docs/_build/html (warnings are errors)
 DOCS_STAMP := $(VENV)/.docs
 $(DOCS_STAMP): $(STAMP)
@@ -79,7 +92,8 @@ FAST_EXAMPLES ?= 4
 test: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP) $(ONNX_STAMP)
 	HYPOTHESIS_EXAMPLES=$(FAST_EXAMPLES) $(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP) $(DOCS_STAMP) $(ONNX_STAMP)
+test-all: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP) $(DOCS_STAMP) $(ONNX_STAMP) \
+	$(AOT_STAMP)
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 # the masking study at frame level: the demo recipe's strategies (5 x 3 seeds), each probed

@@ -33,15 +33,21 @@ def peak_tflops(device=None) -> float:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), 0.0)
 
 
-def compiled_flops(compiled) -> float:
-    """FLOPs of one call of a compiled (per-device) or a lowered program, from XLA's cost
-    analysis; 0.0 when the backend gives none."""
+def compiled_cost(compiled) -> dict:
+    """XLA's cost analysis of one call of a compiled (per-device) or a lowered program
+    (``flops``, ``bytes accessed``, ...); {} when the backend gives none."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # some backends do not implement it
-        return 0.0
+        return {}
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-    return float(cost.get("flops", 0.0)) if cost else 0.0
+    return dict(cost) if cost else {}
+
+
+def compiled_flops(compiled) -> float:
+    """FLOPs of one call of a compiled (per-device) or a lowered program; 0.0 when the
+    backend gives none."""
+    return float(compiled_cost(compiled).get("flops", 0.0))
 
 
 def mfu(flops_per_step: float, step_seconds: float, device=None) -> float | None:

@@ -16,9 +16,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-    """A 1-D mesh named ``data`` over the first ``num_devices`` (default all) devices."""
-    devices = jax.devices()
+def make_mesh(num_devices: int | None = None, devices=None) -> jax.sharding.Mesh:
+    """A 1-D mesh named ``data`` over the first ``num_devices`` (default all) of
+    ``devices`` (default the visible ones; compile-only devices for a named target)."""
+    devices = list(jax.devices() if devices is None else devices)
     n = len(devices) if num_devices is None else num_devices
     if not 1 <= n <= len(devices):
         raise ValueError(f"asked for {n} devices; {len(devices)} are visible")
@@ -26,9 +27,11 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
                          devices=devices[:n])
 
 
-def check_batch(global_batch: int, mesh: jax.sharding.Mesh) -> int:
-    """Per-host batch; fails early when the batch does not divide over devices and hosts."""
-    n_dev, n_proc = mesh.devices.size, jax.process_count()
+def check_batch(global_batch: int, mesh: jax.sharding.Mesh,
+                processes: int | None = None) -> int:
+    """Per-host batch; fails early when the batch does not divide over devices and hosts
+    (``processes``: the hosts feeding the mesh, default this job's)."""
+    n_dev, n_proc = mesh.devices.size, processes or jax.process_count()
     if global_batch % n_dev or global_batch % n_proc:
         raise ValueError(f"batch_size {global_batch} must be divisible by the device count "
                          f"({n_dev}) and the process count ({n_proc})")

@@ -20,6 +20,8 @@ import math
 import os
 import re
 
+from jax.experimental import topologies as jax_topologies
+
 GIB = 1024 ** 3
 
 
@@ -134,18 +136,28 @@ def parse(name: str, num_slices: int = 1) -> Target:
 def compile_devices(target: Target) -> list:
     """Compile-only devices of ``target`` (no accelerator needed). TopologyError naming the
     package to install when the platform's compiler is missing."""
-    from jax.experimental import topologies as jax_topologies
     if target.chip.platform == "tpu":
-        return _tpu_devices(jax_topologies, target)
-    return _gpu_devices(jax_topologies, target)
+        return _tpu_devices(target)
+    return _gpu_devices(target)
 
 
-def _tpu_devices(jax_topologies, target: Target) -> list:
+# libtpu asks the cloud's metadata server what it runs on; told here, it stays quiet
+_ACCELERATOR_TYPE = {"v4": "v4-{cores}", "v5p": "v5p-{cores}", "v5e": "v5litepod-{chips}",
+                     "v6e": "v6e-{chips}"}
+
+
+def _tpu_devices(target: Target) -> list:
+    """A host drives 2 x 2 chips (fewer in a smaller slice)."""
+    chips = target.chips_per_slice
+    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_ID", "0"),
+                       ("TPU_WORKER_HOSTNAMES", "localhost"),
+                       ("TPU_ACCELERATOR_TYPE", _ACCELERATOR_TYPE[target.generation].format(
+                           chips=chips, cores=2 * chips))):
+        os.environ.setdefault(key, value)
     grid = "x".join(map(str, target.grid))
+    per_host = tuple(min(2, g) for g in target.grid[:2]) + (1,)
     kwargs = dict(chip_config_name="megacore" if target.generation in _CUBE else "default",
-                  chips_per_host_bounds=(2, 2, 1) if target.chips_per_slice >= 4
-                  else (*target.grid, 1)[:3] + (1,) * (3 - len(target.grid[:3])),
-                  num_slices=target.num_slices)
+                  chips_per_host_bounds=per_host, num_slices=target.num_slices)
     try:
         desc = jax_topologies.get_topology_desc(
             topology_name=f"{target.generation}:{grid}", platform="tpu", **kwargs)
@@ -155,7 +167,7 @@ def _tpu_devices(jax_topologies, target: Target) -> list:
     return list(desc.devices)
 
 
-def _gpu_devices(jax_topologies, target: Target) -> list:
+def _gpu_devices(target: Target) -> list:
     path = os.path.join(GPU_TARGETS, f"{target.generation}.txtpb")
     with open(path) as f:
         target_config = f.read()

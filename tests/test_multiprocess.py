@@ -1,6 +1,7 @@
 """Two real JAX processes (one per simulated host, gloo collectives on CPU) running
-train.py: per-host input feeding a global batch, collective Orbax checkpoints, a SIGTERM that
-reaches one host only, and an exact resume."""
+train.py: per-host input feeding a global batch, collective Orbax checkpoints, no host sync
+on every step, a SIGTERM that reaches one host only (both stop at the step the distributed
+runtime agrees on), and an exact resume."""
 
 import os
 import signal
@@ -27,7 +28,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(data_dir, workdir, port):
+def _launch(data_dir, workdir, port, log_every=1):
     """Starts process 0 and 1 of a two-host run; returns the Popen objects."""
     procs = []
     for pid in (0, 1):
@@ -36,7 +37,7 @@ def _launch(data_dir, workdir, port):
                "--config.data.name=synthetic_sounds/small", "--config.data.worker_count=0",
                "--config.model.size=micro", "--config.model.input_shape=(80, 64)",
                "--config.batch_size=8", f"--config.total_steps={STEPS}",
-               "--config.ckpt_every=10", "--config.log_every=1",
+               "--config.ckpt_every=10", f"--config.log_every={log_every}",
                "--config.probe.enabled=False", f"--coordinator_address=localhost:{port}",
                "--num_processes=2", f"--process_id={pid}"]
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
@@ -72,12 +73,16 @@ def test_two_processes_sigterm_on_one_host_then_exact_resume(synthetic_small, tm
     data_dir = synthetic_small[0]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
 
-    outs = _finish(_launch(data_dir, ref, _free_port()))
+    outs = _finish(_launch(data_dir, ref, _free_port(), log_every=5))
     assert all(f"(step {STEPS})" in o for o in outs)
     by_step = read_metrics(ref)
-    assert sorted(by_step) == list(range(1, STEPS + 1))
-    assert _steps_logged(ref) == STEPS  # each step once: process 0 is the only writer
+    assert sorted(by_step) == list(range(5, STEPS + 1, 5))
+    assert _steps_logged(ref) == STEPS // 5  # each row once: process 0 is the only writer
     assert sorted(os.listdir(ref / "checkpoints")) == ["10", "20", "30"]
+    # no per-step host sync: between saves the host's own time per step (dispatch and
+    # bookkeeping) is a fraction of the step's wall time: it runs ahead of the device
+    for s in (15, 25):
+        assert by_step[s]["host_ms"] < 0.5 * by_step[s]["step_ms"], by_step[s]
 
     procs = _launch(data_dir, cut, _free_port())
     deadline = time.time() + 300
@@ -94,7 +99,7 @@ def test_two_processes_sigterm_on_one_host_then_exact_resume(synthetic_small, tm
     outs = _finish(_launch(data_dir, cut, _free_port()))  # resume on both hosts
     assert all(f"(step {STEPS})" in o for o in outs)
     cut_by_step = read_metrics(cut)
-    assert [cut_by_step[s]["loss"] for s in range(1, STEPS + 1)] == [
-        by_step[s]["loss"] for s in range(1, STEPS + 1)]
+    assert sorted(cut_by_step) == list(range(1, STEPS + 1))
+    assert [cut_by_step[s]["loss"] for s in by_step] == [by_step[s]["loss"] for s in by_step]
     for a, b in zip(jax.tree.leaves(read_params(ref)), jax.tree.leaves(read_params(cut)), strict=True):
         np.testing.assert_array_equal(a, b)  # bitwise

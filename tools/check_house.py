@@ -23,13 +23,14 @@ MAX_FUNCTION_LINES = 120
 
 CORE = ("_extras", "errors", "normalisation", "masking", "models", "objectives", "config",
         "build", "checkpointing", "weights", "sharding", "profiling", "audio",
-        "torch_layout", "locks", "cli", "serving")
+        "torch_layout", "locks", "cli", "serving", "topologies")
 # layer -> (its modules, by first component under dwm_jax; the layers it may import)
 LAYERS = {
     "masking": (("masking",), ()),
     "core": (CORE, ("core",)),
     "data": (("data",), ("core", "data")),
     "train": (("train",), ("core", "data", "train")),
+    "compile": (("aot", "compile"), ("core", "data", "train", "compile")),
     "eval": (("embedding", "probe", "finetune", "sed"), ("core", "data", "eval")),
     "hear": (("hear",), ("core", "eval", "hear")),
     "convert": (("convert", "export"), ("core", "convert")),

@@ -6,7 +6,9 @@ and checked for NaN / inf naming the first bad step, at each log step and before
 so a bad state is never saved. Each log row has ``step_ms`` (wall time per step over the
 interval), ``input_wait_ms`` (time per step the device idled for want of input, timed by
 ``profiling.CompletionClock``), ``host_wait_ms`` (all the loop's waits for input),
-``examples_per_s``, ``mask_ms`` (the masker alone), the compiled step's
+``examples_per_s``, ``host_ms`` (the host's own time per step in the loop: dispatch and
+bookkeeping, no waits for input or the device; below ``step_ms`` when it runs ahead of the
+device), ``mask_ms`` (the masker alone), the compiled step's
 ``tflops_per_step`` (XLA cost analysis, per device) and, on accelerators of known peak,
 ``mfu``. Checkpoints are written every ``ckpt_every`` steps, at the end and on SIGTERM.
 """
@@ -119,10 +121,12 @@ def _train(cfg, workdir: str, progress: bool) -> dict:
             if step % cfg.ckpt_every == 0:
                 monitor.check_finite()
                 ckpt.save(step, state, inputs, meta)
-            if step % cfg.log_every == 0 or step == total_steps:
+            log_step = step % cfg.log_every == 0 or step == total_steps
+            if log_step:
                 summary["last_metrics"] = monitor.log(step, state, x, batch)
+            stop = preempt.stop_now(step, log_step)
             monitor.tick()
-            if preempt.stop_now():
+            if stop:
                 _save_unless_saved(ckpt, monitor, step, state, inputs, meta)
                 summary["preempted_at"] = step
                 log.warning("SIGTERM: saved step %d to %s and stopped", step, ckpt.directory)
@@ -257,11 +261,14 @@ class _Monitor:
     def _reset(self, step: int):
         self.last_step, self.last_time = step, time.perf_counter()
         self.waited = dict(host=0.0, idle=0.0)  # seconds waiting for input since the last log
+        # the host's own time in the loop since the last log (input waits excluded) and the
+        # part of it spent waiting on the device (fetching metrics before a save)
+        self.busy, self.synced, self.got = 0.0, 0.0, self.last_time
 
     def next_input(self, inputs, step: int):
         t_input = time.perf_counter()
         x, batch = next(inputs)
-        t_got = time.perf_counter()
+        t_got = self.got = time.perf_counter()
         self.waited["host"] += t_got - t_input
         # the part of the wait after the previous step had finished idled the device
         self.waited["idle"] += (t_got - t_input if step == self.start
@@ -275,7 +282,9 @@ class _Monitor:
     def check_finite(self):
         """Fetches the pending steps' metrics (the only host sync of the loop) and stops at
         the first non-finite one. Runs at log steps and before every save."""
+        t0 = time.perf_counter()
         fetched = jax.device_get(self.pending)
+        self.synced += time.perf_counter() - t0
         self.pending.clear()
         for at, m in fetched:
             if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
@@ -289,6 +298,8 @@ class _Monitor:
             self.fetched = fetched[-1][1]
 
     def log(self, step: int, state, x, batch) -> dict:
+        t_log = time.perf_counter()
+        host_ms = (self.busy + t_log - self.got - self.synced) * 1e3
         self.check_finite()
         now = time.perf_counter()
         steps, seconds = step - self.last_step, now - self.last_time
@@ -297,7 +308,8 @@ class _Monitor:
                        examples_per_s=steps * self.cfg.batch_size / seconds,
                        step_ms=seconds / steps * 1e3,
                        input_wait_ms=self.waited["idle"] / steps * 1e3,
-                       host_wait_ms=self.waited["host"] / steps * 1e3)
+                       host_wait_ms=self.waited["host"] / steps * 1e3,
+                       host_ms=host_ms / steps)
         if self.flops:
             scalars["tflops_per_step"] = self.flops / 1e12
             util = profiling.mfu(self.flops, seconds / steps, jax.local_devices()[0])
@@ -321,6 +333,8 @@ class _Monitor:
         return (time.perf_counter() - t0) * 1e3
 
     def tick(self):
+        now = time.perf_counter()
+        self.busy, self.got = self.busy + now - self.got, now
         if self.bar is not None:
             self.bar.update(1)
 

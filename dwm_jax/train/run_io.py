@@ -131,18 +131,24 @@ def truncate_metrics(path: str, last_step: int):
 
 
 class Preemption:
-    """SIGTERM, or a first Ctrl-C (SIGINT), sets a flag; the loop saves a checkpoint and exits
-    at the next step. A second Ctrl-C interrupts at once (the last checkpoint stays).
+    """SIGTERM, or a first Ctrl-C (SIGINT), stops the run with a checkpoint at a step; a
+    second Ctrl-C interrupts at once (the last checkpoint stays).
 
-    With several processes the hosts must stop at the same step (the save and the next
-    step are collective), so :meth:`stop_now` all-gathers the flags: any host's SIGTERM
-    stops every host, at the same step.
+    One process: a signal handler sets a flag the loop reads after each step. Several
+    processes must stop at the same step (the save and the next step are collective)
+    without the hosts waiting on each other every step: SIGTERM is left to the distributed
+    runtime's preemption notifier, which agrees on a step with every host in the
+    background, and :meth:`stop_now` asks it, a host-local check
+    (``multihost_utils.reached_preemption_sync_point``). A Ctrl-C on one host becomes a
+    SIGTERM to itself, so it takes the same path. Where the runtime has no preemption
+    service, the hosts exchange their flags at log steps (already a host sync).
     """
 
     def __init__(self):
         self.requested = False
-        self._old = {sig: signal.signal(sig, self._handler)
-                     for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.agreed = jax.process_count() > 1 and _preemption_service()
+        signals = (signal.SIGINT,) if self.agreed else (signal.SIGTERM, signal.SIGINT)
+        self._old = {sig: signal.signal(sig, self._handler) for sig in signals}
 
     def _handler(self, signum, frame):
         if signum == signal.SIGINT:
@@ -150,14 +156,29 @@ class Preemption:
                 raise KeyboardInterrupt
             print("\nstopping after this step with a checkpoint (Ctrl-C again: at once)",
                   file=sys.stderr)
+            if self.agreed:   # every host must stop: through the runtime's notifier
+                self.requested = True
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
         self.requested = True
 
-    def stop_now(self) -> bool:
+    def stop_now(self, step: int, log_step: bool) -> bool:
+        """Whether this step is where every process stops (called after every step)."""
         if jax.process_count() == 1:
             return self.requested
+        if self.agreed:
+            return multihost_utils.reached_preemption_sync_point(step)
+        if not log_step:
+            return False
         flags = multihost_utils.process_allgather(np.int32(self.requested))
         return bool(np.any(flags))
 
     def restore(self):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def _preemption_service() -> bool:
+    """Whether the distributed runtime runs its preemption notifier (jax.distributed with
+    ``jax_enable_preemption_service``, the default)."""
+    return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
