@@ -37,12 +37,13 @@ _CONFIG = cli.define_config_file(PROG, "config", "configs/m2d.py:dispersion",
                                  "a configs/*.py file, as train.py takes")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "the target: v5e-256, v5e:16x16, v4-32, "
                                 "v5p-128, v6e-64, h100:8, a100:2x8, ...", required=True)
-_SLICES = flags.DEFINE_integer("num_slices", 1, "TPU slices over the data-centre network")
+_SLICES = flags.DEFINE_integer("num_slices", 1, "TPU slices over the data-centre network",
+                               lower_bound=1)
 _EVAL_BATCH = flags.DEFINE_integer("eval_batch", 0, "clips per evaluation-encoder call "
-                                   "(0: the training batch)")
+                                   "(0: the training batch)", lower_bound=0)
 _STEPS_PER_EPOCH = flags.DEFINE_integer(
     "steps_per_epoch", 1000, "for the schedules only (no dataset is read): memory and cost "
-    "do not depend on it")
+    "do not depend on it", lower_bound=1)
 _SAVE = flags.DEFINE_string("save", "", "write the serialised executable here")
 _JSON = flags.DEFINE_string("json", "", "write the report as JSON here")
 
@@ -51,6 +52,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)
+    for flag in (_SAVE, _JSON):   # before minutes of compiling
+        folder = os.path.dirname(os.path.abspath(flag.value)) if flag.value else ""
+        if folder and not os.path.isdir(folder):
+            return cli.fail(PROG, f"--{flag.name}={flag.value}: no folder {folder}")
     try:
         target = topologies.parse(_TOPOLOGY.value, _SLICES.value)
         report = aot.compile_for(_CONFIG.value, target, steps_per_epoch=_STEPS_PER_EPOCH.value,

@@ -3,6 +3,7 @@ names, the report's arithmetic and refusals in-process; real compiles of a small
 model for a v5e 2x2 slice and two H100s in the venv that has libtpu and the CUDA plugin
 (`make aot`), skipped with one line where it is missing."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -43,6 +44,14 @@ def test_topology_names(name, generation, grid, devices):
 def test_unknown_or_impossible_topologies_are_named(name, message):
     with pytest.raises(topologies.TopologyError, match=message):
         topologies.parse(name)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None,
+                    reason="libtpu is installed here")
+def test_a_missing_compiler_is_named_with_its_install_command():
+    with pytest.raises(topologies.TopologyError, match=r"needs libtpu: pip install "
+                       r"'dwm_jax\[tpu\]'"):
+        topologies.compile_devices(topologies.parse("v5e:2x2"))
 
 
 def test_every_chip_has_its_figures_and_gpus_their_target_description():
@@ -138,6 +147,8 @@ def test_a_small_step_compiles_for_the_target_and_its_figures_hold(tmp_path, top
 @pytest.mark.slow
 def test_the_cli_refuses_in_one_line(tmp_path):
     cases = [(["--topology=v9z-8"], "is not one this package knows"),
+             (["--topology=v5e:2x2", "--num_slices=0"], "--num_slices"),
+             (["--topology=v5e:2x2", f"--save={tmp_path}/none/step.bin"], "no folder"),
              (["--topology=v5e:2x2", "--config.batch_size=6"],
               "batch_size 6 must be divisible by the device count (4)"),
              (["--topology=h100:1", "--config.batch_size=8"], "GiB short; try")]
