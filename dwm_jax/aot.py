@@ -12,10 +12,10 @@ setup, mesh, shardings and jitted step), over compile-only devices
   state and this chip's rows of the batch), temporaries (activations, gradients, the
   workspace), outputs, less what donation aliases; against the chip's memory (on GPUs the
   share JAX preallocates, ``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.75 by default);
-* FLOPs and bytes from XLA's cost analysis. XLA counts a loop's body once, so with scanned
-  layers the FLOPs come from the per-layer program (as the trainer's ``step_flops``) and
-  the bytes from that program before fusion: an upper bound (every intermediate is counted
-  as read and written);
+* FLOPs and bytes from XLA's cost analysis of the compiled program. XLA counts a loop's
+  body once, and gives no analysis for sharded programs compiled for GPUs without one: there
+  the figures are those of the same step with unrolled layers compiled for one chip of the
+  target at one chip's share of the batch (a second compilation; collectives not counted);
 * a roofline step time, the larger of FLOPs / peak and bytes / bandwidth, and the MFU it
   implies (1.0 when compute-bound); communication is not in it.
 """
@@ -36,6 +36,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from jax.experimental import serialize_executable
+
+# XLA's module cost analysis (run with the CPU client over a GPU module): no public name
+from jax._src.lib import _jax as xla_extension
 
 from dwm_jax import build, profiling, sharding, topologies
 from dwm_jax import config as config_lib
@@ -86,7 +89,7 @@ def compile_for(cfg, target: topologies.Target, *, steps_per_epoch: int = 1000,
         save_executable(compiled, save)
     report = dict(target=_target_fields(target, processes), config=_config_fields(cfg),
                   step=_program_report(compiled, target, seconds))
-    report["step"].update(cost(setup, compiled, program.batch, mesh.size, target.chip))
+    report["step"].update(cost(setup, compiled, target))
     report["eval"] = _eval_encoder(setup, program, eval_batch or cfg.batch_size, target)
     return report
 
@@ -144,28 +147,54 @@ def largest_values(hlo_text: str, count: int = 5) -> list[tuple[str, str, int]]:
     return sorted(seen.values(), key=lambda v: -v[2])[:count]
 
 
-def cost(setup, compiled, batch, num_devices: int, chip: topologies.Chip) -> dict:
+def cost(setup, compiled, target: topologies.Target) -> dict:
     """FLOPs and bytes per chip, the roofline step time and the MFU it implies."""
-    flops, bytes_, source = _cost_per_chip(
-        compiled, lambda cfg: _lowered_step(cfg, setup, batch), setup.config, num_devices)
+    cfg = setup.config
+
+    def unrolled(flat_cfg, mesh, batch: int):
+        flat_cfg.batch_size = batch
+        other = build.make_setup(flat_cfg, setup.steps_per_epoch, setup.total_steps)
+        return step_lib.step_program(other, mesh).lower()
+    flops, bytes_, source = _cost_per_chip(compiled, unrolled, cfg, target, cfg.batch_size)
     return dict(flops=flops, bytes=bytes_, cost_source=source,
-                **roofline(flops, bytes_, chip))
+                **roofline(flops, bytes_, target.chip))
 
 
-def _cost_per_chip(compiled, lower_unscanned, cfg, num_devices: int):
-    """(FLOPs, bytes, where they come from) per chip: the compiled program's cost analysis,
-    or, where it counts a scanned body once or gives none (compile-only GPUs), the cost of
-    the same program with unrolled layers, lowered and not compiled, over the chips (its
-    bytes count every intermediate as read and written: an upper bound)."""
-    found = profiling.compiled_cost(compiled)
-    if found.get("flops") and not cfg.model.scan_layers:
-        return float(found["flops"]), float(found.get("bytes accessed", 0.0)), "compiled"
+def module_cost(compiled) -> dict:
+    """XLA's cost analysis of a compiled program: the target's own or, where it gives none
+    (compile-only GPUs), XLA's CPU cost model run over the target's optimised module (its
+    bytes; it does not count the FLOPs of library calls such as cuBLAS GEMMs)."""
+    own = profiling.compiled_cost(compiled)
+    if own:
+        return own
+    try:
+        module = compiled.runtime_executable().hlo_modules()[0]
+        return dict(xla_extension.hlo_module_cost_analysis(jax.devices("cpu")[0].client,
+                                                           module))
+    except Exception:  # noqa: BLE001 - no module or no analysis: no figures
+        return {}
+
+
+def _cost_per_chip(compiled, lower_unrolled, cfg, target: topologies.Target, batch: int):
+    """(FLOPs, bytes, where the bytes come from) per chip. FLOPs: the compiled program's
+    where XLA counts them all (TPUs, layers unrolled), else those of the program with
+    unrolled layers lowered for the host (traced, not compiled) over the chips. Bytes: the compiled program's; with
+    scanned layers (XLA counts a loop body once) those of the unrolled program compiled for
+    one chip of the target at one chip's share of the batch."""
+    own = module_cost(compiled)
     flat = ml_collections.ConfigDict(cfg.to_dict())
     flat.model.scan_layers = False
-    lowered = profiling.compiled_cost(lower_unscanned(flat))
-    return (float(lowered.get("flops", 0.0)) / num_devices,
-            float(lowered.get("bytes accessed", 0.0)) / num_devices,
-            "lowered, before fusion (bytes an upper bound)")
+    if own.get("flops") and not cfg.model.scan_layers and target.chip.platform == "tpu":
+        flops = float(own["flops"])
+    else:   # the host's own cost model over the whole batch, traced for one CPU device
+        flops = profiling.compiled_flops(lower_unrolled(flat, sharding.make_mesh(1), batch)) \
+            / target.num_devices
+    if not cfg.model.scan_layers:
+        return flops, float(own.get("bytes accessed", 0.0)), "compiled"
+    one = sharding.make_mesh(devices=topologies.compile_devices(topologies.one_chip(target)))
+    single = module_cost(lower_unrolled(flat, one, max(batch // target.num_devices, 1))
+                         .compile())
+    return flops, float(single.get("bytes accessed", 0.0)), "one chip, layers unrolled"
 
 
 def roofline(flops: float, bytes_: float, chip: topologies.Chip) -> dict:
@@ -176,13 +205,6 @@ def roofline(flops: float, bytes_: float, chip: topologies.Chip) -> dict:
     return dict(compute_s=compute_s, memory_s=memory_s, step_s=step_s,
                 bound="compute" if compute_s >= memory_s else "memory",
                 mfu=compute_s / step_s if step_s else 0.0)
-
-
-def _lowered_step(cfg, setup, batch):
-    """The step of ``cfg`` (the same schedules as ``setup``), lowered without shardings."""
-    other = build.make_setup(cfg, setup.steps_per_epoch, setup.total_steps)
-    return jax.jit(lambda state, x: step_lib.train_step(other, state, x)).lower(
-        build.abstract_state(other, 0), jax.ShapeDtypeStruct(batch.shape, batch.dtype))
 
 
 def _features_fn(cfg):
@@ -199,18 +221,21 @@ def _eval_encoder(setup, program, eval_batch: int, target: topologies.Target) ->
     if eval_batch % mesh.size:
         return dict(batch=eval_batch, skipped=f"{eval_batch} clips do not divide over "
                     f"{mesh.size} devices")
-    x = jax.ShapeDtypeStruct((eval_batch, *cfg.model.input_shape), jnp.float32,
-                             sharding=sharding.batch_sharding(mesh))
+    shape = (eval_batch, *cfg.model.input_shape)
     _, fn = _features_fn(cfg)
     t0 = time.perf_counter()
-    compiled = fn.lower(program.state["params"]["encoder"], x).compile()
+    compiled = fn.lower(program.state["params"]["encoder"], jax.ShapeDtypeStruct(
+        shape, jnp.float32, sharding=sharding.batch_sharding(mesh))).compile()
     report = dict(batch=eval_batch, **_program_report(compiled, target,
                                                       time.perf_counter() - t0))
 
-    def lower_unscanned(flat):
-        params, flat_fn = _features_fn(flat)
-        return flat_fn.lower(params, jax.ShapeDtypeStruct(x.shape, x.dtype))
-    flops, _, _ = _cost_per_chip(compiled, lower_unscanned, cfg, mesh.size)
+    def unrolled(flat_cfg, mesh, batch: int):
+        params, flat_fn = _features_fn(flat_cfg)
+        spec = jax.tree.map(lambda p: jax.ShapeDtypeStruct(
+            p.shape, p.dtype, sharding=sharding.replicated(mesh)), params)
+        return flat_fn.lower(spec, jax.ShapeDtypeStruct(
+            (batch, *shape[1:]), jnp.float32, sharding=sharding.batch_sharding(mesh)))
+    flops, _, _ = _cost_per_chip(compiled, unrolled, cfg, target, eval_batch)
     seconds_at_peak = flops / (target.chip.bf16_tflops * 1e12)
     report.update(flops=flops, clips_per_s_at_peak=eval_batch / max(seconds_at_peak, 1e-12))
     return report

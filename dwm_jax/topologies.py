@@ -133,6 +133,12 @@ def parse(name: str, num_slices: int = 1) -> Target:
         "h100:<hosts>x<GPUs>")
 
 
+def one_chip(target: Target) -> Target:
+    """One chip of ``target``'s kind (one slice, one host)."""
+    return dataclasses.replace(target, name=f"one chip of {target.name}",
+                               grid=(1,) * len(target.grid), num_slices=1)
+
+
 def compile_devices(target: Target) -> list:
     """Compile-only devices of ``target`` (no accelerator needed). TopologyError naming the
     package to install when the platform's compiler is missing."""
