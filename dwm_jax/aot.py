@@ -61,9 +61,15 @@ def usable_bytes(chip: topologies.Chip) -> int:
     return int(chip.hbm_bytes * fraction)
 
 
-def target_mesh(target: topologies.Target) -> jax.sharding.Mesh:
-    """train.py's mesh over the target's compile-only devices."""
-    return sharding.make_mesh(devices=topologies.compile_devices(target))
+def target_mesh(cfg, target: topologies.Target) -> jax.sharding.Mesh:
+    """train.py's mesh over the target's compile-only devices (its slices: the config's
+    ``mesh.slices`` unless ``--num_slices`` names more)."""
+    try:
+        return sharding.make_mesh(devices=topologies.compile_devices(target),
+                                  fsdp=cfg.mesh.fsdp,
+                                  slices=max(cfg.mesh.slices, target.num_slices))
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config.mesh on {target.name}: {e}") from None
 
 
 def compile_for(cfg, target: topologies.Target, *, steps_per_epoch: int = 1000,
@@ -73,7 +79,7 @@ def compile_for(cfg, target: topologies.Target, *, steps_per_epoch: int = 1000,
     ConfigError for a config or batch the target cannot take, TopologyError for a target
     that cannot be made here."""
     config_lib.check(cfg)
-    mesh = target_mesh(target)
+    mesh = target_mesh(cfg, target)
     processes = len({d.process_index for d in mesh.devices.flat})
     try:
         sharding.check_batch(cfg.batch_size, mesh, processes)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from dwm_jax import build, masking, objectives, profiling
+from dwm_jax import build, masking, objectives, profiling, sharding
 from dwm_jax.models import vit
 
 
@@ -123,6 +123,16 @@ def _steps_range(v):
 
 
 @_described("dict, checked by building it")
+@_described("('REGEX=SPEC', ...)")
+def _sharding_rules(v):
+    if not isinstance(v, (tuple, list)) or not all(isinstance(r, str) for r in v):
+        return "must be a tuple of 'REGEX=SPEC' strings"
+    try:
+        sharding.parse_rules(v)
+    except ValueError as e:
+        return f"holds a rule that cannot be read ({e})"
+
+
 def _free(v):  # checked by building what it describes
     if not isinstance(v, dict) and not hasattr(v, "to_dict"):
         return "must be a dict"
@@ -192,6 +202,16 @@ FIELDS: tuple[Field, ...] = (
     F("num_devices", 0, _integer(0), "devices of the mesh; 0: all visible", resumable=True),
     F("fsdp", False, _boolean, "shard parameters and optimizer state over the mesh",
       resumable=True),
+    F("mesh.fsdp", 1, _integer(1),
+      "size of the mesh's fsdp axis: the batch and the parameters and optimizer state are "
+      "split over it (1: none)", resumable=True, legacy=1),
+    F("mesh.slices", 1, _integer(1),
+      "slices of a multi-slice job: the outer mesh axis, over the data-centre network (data "
+      "parallel)", resumable=True, legacy=1),
+    F("mesh.rules", (), _sharding_rules,
+      "parameter sharding rules 'REGEX=SPEC' (first found in an array's path wins; SPEC: "
+      "slice, data, fsdp or None per dimension); others: the largest dimension over fsdp",
+      resumable=True, legacy=()),
     F("init_from", "", _optional_string,
       "another workdir (a run or converted weights) to start from: its encoder, and its "
       "predictor / decoder and M2D target where they fit", legacy=""),

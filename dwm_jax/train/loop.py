@@ -148,10 +148,11 @@ def _train(cfg, workdir: str, progress: bool) -> dict:
 
 def _mesh(cfg):
     try:
-        mesh = sharding.make_mesh(cfg.num_devices or None)
+        mesh = sharding.make_mesh(cfg.num_devices or None, fsdp=cfg.mesh.fsdp,
+                                  slices=cfg.mesh.slices)
         return mesh, sharding.check_batch(cfg.batch_size, mesh)
     except ValueError as e:
-        raise config_lib.ConfigError(f"config.batch_size / num_devices: {e}") from None
+        raise config_lib.ConfigError(f"config.batch_size / num_devices / mesh: {e}") from None
 
 
 def _open_data(cfg):

@@ -122,7 +122,7 @@ def step_program(setup: Setup, mesh) -> StepProgram:
     """The step of ``setup.config`` over ``mesh`` (real or compile-only devices)."""
     cfg = setup.config
     abstract = build.abstract_state(setup, cfg.seed)
-    shardings = sharding.state_shardings(abstract, mesh, fsdp=cfg.fsdp)
+    shardings = sharding.state_shardings(abstract, mesh, fsdp=cfg.fsdp, rules=cfg.mesh.rules)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          abstract, shardings)
     batch = jax.ShapeDtypeStruct((cfg.batch_size, *cfg.model.input_shape), jnp.float32,
