@@ -5,7 +5,8 @@ side on one target.
 
   .venv-aot/bin/python -m benchmarks.pods                         # the whole table
   .venv-aot/bin/python -m benchmarks.pods --targets v5e-64 --recipes m2d
-  .venv-aot/bin/python -m benchmarks.pods --strategies_on v5e-64  # the strategies only
+  .venv-aot/bin/python -m benchmarks.pods --skip_recipes          # the strategies only
+  .venv-aot/bin/python -m benchmarks.pods --from_json rows.json   # the table of kept reports
 
 Each row starts from bfloat16 compute and FSDP (layers unrolled, so that XLA's cost
 analysis counts every layer in the one compilation); when that does not fit, it tries again
@@ -59,6 +60,26 @@ def row(recipe: str, masker: str, target: str, batch: int) -> dict:
     return dict(report, recipe=recipe, masker=masker, topology=target, batch=batch)
 
 
+def fill_model_flops(r: dict) -> dict:
+    """Adds the model FLOPs per chip and the MFU they imply to a report written without
+    them (traced here, nothing compiled)."""
+    if "error" in r or "model_flops" in r["step"]:
+        return r
+    from dwm_jax import aot, build, sharding
+    from dwm_jax import config as config_lib
+    from dwm_jax.train import step as step_lib
+    cfg = config_lib.base(r["recipe"], r["masker"])
+    cfg.batch_size, cfg.model.size = r["batch"], "base"
+
+    def lower(flat):
+        setup = build.make_setup(flat, 1000, flat.total_steps or flat.epochs * 1000)
+        return step_lib.step_program(setup, sharding.make_mesh(1)).lower()
+    s = r["step"]
+    s["model_flops"] = aot.model_flops(cfg, lower) / r["target"]["devices"]
+    s["model_mfu"] = s["model_flops"] / (r["target"]["peak_bf16_tflops"] * 1e12) / s["step_s"]
+    return r
+
+
 def markdown(r: dict) -> str:
     if "error" in r:
         return (f"| {r['topology']} | {r['recipe']} | {r['masker']} | {r['batch']} | "
@@ -69,13 +90,15 @@ def markdown(r: dict) -> str:
     return (f"| {t['name']} ({t['devices']} x {t['chip']}) | {r['recipe']} | {r['masker']} | "
             f"{r['batch']} ({per_chip} a chip) | {r['switches']} | "
             f"{s['total'] / gib:.1f} / {s['usable'] / gib:.1f} GiB "
-            f"{'fits' if s['fits'] else 'does not fit'} | {s['flops'] / 1e12:.2f} TFLOP, "
-            f"{s['bytes'] / 1e9:.0f} GB | {s['step_s'] * 1e3:.0f} ms ({s['bound']}) | "
-            f"{s['mfu']:.2f} | {s['compile_s']:.0f} s |")
+            f"{'fits' if s['fits'] else 'does not fit'} | {s['flops'] / 1e12:.2f} "
+            f"({s['model_flops'] / 1e12:.2f}) TFLOP, {s['bytes'] / 1e9:.0f} GB | "
+            f"{s['step_s'] * 1e3:.0f} ms ({s['bound']}) | {s['model_mfu']:.2f} | "
+            f"{s['compile_s']:.0f} s |")
 
 
-HEADER = ("| target | recipe | masking | global batch | switches | memory per chip | cost per "
-          "chip | roofline step | MFU | compile here |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| target | recipe | masking | global batch | switches | memory per chip | compiled "
+          "(model) FLOPs, bytes per chip | roofline step | MFU | compile here |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv=None) -> int:
@@ -88,16 +111,22 @@ def main(argv=None) -> int:
                    help="the target for the strategies side by side ('' to skip)")
     p.add_argument("--skip_recipes", action="store_true", help="only the strategies")
     p.add_argument("--out", default="", help="keep every report as JSON here")
+    p.add_argument("--from_json", default="", help="print the table of reports kept with "
+                   "--out (nothing compiled)")
     a = p.parse_args(argv)
-    rows = []
     print(HEADER, flush=True)
+    if a.from_json:
+        for r in json.load(open(a.from_json)):
+            print(markdown(fill_model_flops(r)), flush=True)
+        return 0
+    rows = []
     plan = [] if a.skip_recipes else [(r, "dispersion", t) for t in a.targets.split(",")
                                       for r in a.recipes.split(",")]
     if a.strategies_on:
         plan += [("m2d", m, a.strategies_on) for m in STRATEGIES
                  if ("m2d", m, a.strategies_on) not in plan]
     for recipe, masker, target in plan:
-        rows.append(row(recipe, masker, target, a.batch))
+        rows.append(fill_model_flops(row(recipe, masker, target, a.batch)))
         print(markdown(rows[-1]), flush=True)
         if a.out:
             with open(a.out, "w") as f:

@@ -16,8 +16,11 @@ setup, mesh, shardings and jitted step), over compile-only devices
   body once, and gives no analysis for sharded programs compiled for GPUs without one: there
   the figures are those of the same step with unrolled layers compiled for one chip of the
   target at one chip's share of the batch (a second compilation; collectives not counted);
-* a roofline step time, the larger of FLOPs / peak and bytes / bandwidth, and the MFU it
-  implies (1.0 when compute-bound); communication is not in it.
+* a roofline step time, the larger of FLOPs / peak and bytes / bandwidth (communication
+  not in it), and the MFU it implies: the step's model FLOPs (the whole batch's, counted on
+  the unsharded program, over the chips) / peak / step time. The sharded program's own
+  count can differ from the model's (work the partitioner repeats or splits): both are
+  reported.
 """
 
 from __future__ import annotations
@@ -64,9 +67,9 @@ def usable_bytes(chip: topologies.Chip) -> int:
 def target_mesh(cfg, target: topologies.Target) -> jax.sharding.Mesh:
     """train.py's mesh over the target's compile-only devices (its slices: the config's
     ``mesh.slices`` unless ``--num_slices`` names more)."""
+    devices = topologies.compile_devices(target)
     try:
-        return sharding.make_mesh(devices=topologies.compile_devices(target),
-                                  fsdp=cfg.mesh.fsdp,
+        return sharding.make_mesh(devices=devices, fsdp=cfg.mesh.fsdp,
                                   slices=max(cfg.mesh.slices, target.num_slices))
     except ValueError as e:
         raise config_lib.ConfigError(f"config.mesh on {target.name}: {e}") from None
@@ -162,8 +165,23 @@ def cost(setup, compiled, target: topologies.Target) -> dict:
         other = build.make_setup(flat_cfg, setup.steps_per_epoch, setup.total_steps)
         return step_lib.step_program(other, mesh).lower()
     flops, bytes_, source = _cost_per_chip(compiled, unrolled, cfg, target, cfg.batch_size)
-    return dict(flops=flops, bytes=bytes_, cost_source=source,
-                **roofline(flops, bytes_, target.chip))
+    out = dict(flops=flops, bytes=bytes_, cost_source=source,
+               **roofline(flops, bytes_, target.chip))
+    model = model_flops(cfg, lambda flat: unrolled(flat, sharding.make_mesh(1),
+                                                   cfg.batch_size)) / target.num_devices
+    peak = target.chip.bf16_tflops * 1e12
+    return dict(out, model_flops=model,
+                model_mfu=model / peak / out["step_s"] if out["step_s"] else 0.0)
+
+
+def model_flops(cfg, lower_unrolled) -> float:
+    """The step's FLOPs for the whole batch, however it is sharded: the program with
+    unrolled layers lowered for one host device (traced, not compiled) and counted by XLA.
+    What MFU divides: a sharded program's own count can differ (work the partitioner
+    repeats or splits)."""
+    flat = ml_collections.ConfigDict(cfg.to_dict())
+    flat.model.scan_layers = False
+    return profiling.compiled_flops(lower_unrolled(flat))
 
 
 def module_cost(compiled) -> dict:
@@ -302,8 +320,9 @@ def format_report(report: dict) -> str:
         f"cost per chip: {s['flops'] / 1e12:.2f} TFLOP, {s['bytes'] / 1e9:.2f} GB "
         f"({s['cost_source']})",
         f"roofline: {s['step_s'] * 1e3:.1f} ms a step ({s['bound']}-bound; compute "
-        f"{s['compute_s'] * 1e3:.1f} ms, memory {s['memory_s'] * 1e3:.1f} ms), MFU "
-        f"{s['mfu']:.2f}, {c['batch_size'] / max(s['step_s'], 1e-12):.0f} examples/s",
+        f"{s['compute_s'] * 1e3:.1f} ms, memory {s['memory_s'] * 1e3:.1f} ms), "
+        f"{c['batch_size'] / max(s['step_s'], 1e-12):.0f} examples/s; MFU "
+        f"{s['model_mfu']:.2f} (model FLOPs {s['model_flops'] / 1e12:.2f} T a chip)",
     ]
     if "skipped" in e:
         lines.append(f"evaluation encoder: skipped ({e['skipped']})")

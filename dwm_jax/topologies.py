@@ -155,7 +155,9 @@ _ACCELERATOR_TYPE = {"v4": "v4-{cores}", "v5p": "v5p-{cores}", "v5e": "v5litepod
 def _tpu_devices(target: Target) -> list:
     """A host drives 2 x 2 chips (fewer in a smaller slice)."""
     chips = target.chips_per_slice
-    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_ID", "0"),
+    # compile-only: several processes may load libtpu at once (it locks by default)
+    for key, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+                       ("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_ID", "0"),
                        ("TPU_WORKER_HOSTNAMES", "localhost"),
                        ("TPU_ACCELERATOR_TYPE", _ACCELERATOR_TYPE[target.generation].format(
                            chips=chips, cores=2 * chips))):

@@ -139,6 +139,8 @@ def test_a_small_step_compiles_for_the_target_and_its_figures_hold(tmp_path, top
     assert large["temporaries"] > small["temporaries"]
     assert large["arguments"] >= small["arguments"]               # the state is the same
     assert large["flops"] == pytest.approx(2 * small["flops"], rel=0.1)
+    assert large["model_flops"] == pytest.approx(2 * small["model_flops"], rel=0.01)
+    assert 0 < large["model_mfu"] <= 1.5
     assert runs[64]["eval"]["fits"] and runs[64]["eval"]["flops"] > 0
     devices = runs[64]["target"]["devices"]
     assert devices == (4 if topology.startswith("v5e") else 2)
