@@ -142,7 +142,8 @@ def state_shardings(tree, mesh, *, fsdp: bool = False, rules=(),
     def one(path, leaf):
         if not hasattr(leaf, "shape"):
             return replicated(mesh)
-        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                        for k in path)
         for rule, (pattern, entries) in parsed:
             if pattern.search(name):
                 return NamedSharding(mesh, _rule_spec(name, leaf.shape, entries, mesh, rule))

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from dwm_jax import build, masking, objectives, profiling, sharding
+from dwm_jax import config as config_lib
 from dwm_jax.build import Setup
 
 
@@ -122,7 +123,11 @@ def step_program(setup: Setup, mesh) -> StepProgram:
     """The step of ``setup.config`` over ``mesh`` (real or compile-only devices)."""
     cfg = setup.config
     abstract = build.abstract_state(setup, cfg.seed)
-    shardings = sharding.state_shardings(abstract, mesh, fsdp=cfg.fsdp, rules=cfg.mesh.rules)
+    try:
+        shardings = sharding.state_shardings(abstract, mesh, fsdp=cfg.fsdp,
+                                             rules=cfg.mesh.rules)
+    except ValueError as e:   # a rule that does not fit this mesh or array
+        raise config_lib.ConfigError(f"config.mesh.rules: {e}") from None
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          abstract, shardings)
     batch = jax.ShapeDtypeStruct((cfg.batch_size, *cfg.model.input_shape), jnp.float32,
