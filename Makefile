@@ -88,7 +88,7 @@ $(DOCS_STAMP): $(STAMP)
 # the fast tier (what a contributor runs before each commit) and the whole suite (CI)
 # The fast tier draws fewer examples in the property tests (each new grid shape compiles);
 # the whole suite draws the full number.
-FAST_EXAMPLES ?= 4
+FAST_EXAMPLES ?= 3
 test: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP) $(ONNX_STAMP)
 	HYPOTHESIS_EXAMPLES=$(FAST_EXAMPLES) $(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
 

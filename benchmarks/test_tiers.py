@@ -15,7 +15,7 @@ import sys
 import time
 
 # (pytest arguments, hypothesis examples) as `make test` and `make test-all` run them
-TIERS = {"fast": (["-m", "not slow"], "4"), "all": ([], "10")}
+TIERS = {"fast": (["-m", "not slow"], "3"), "all": ([], "10")}
 
 
 def run_tier(extra: list[str], examples: str) -> tuple[float, str]:

@@ -64,6 +64,7 @@ def test_short_clips_are_padded_with_silence_and_long_ones_cropped_deterministic
         pipeline.CropAndNormalise(10, stats, pad, "middle")
 
 
+@pytest.mark.slow
 def test_order_is_a_function_of_the_seed_and_epochs_reshuffle(train):
     kw = dict(batch_size=8, frames=64, stats=train.norm_stats(), shard_index=0, shard_count=1,
               keep_filename=True)

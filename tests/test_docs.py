@@ -18,7 +18,8 @@ def snippets(path: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-@pytest.mark.parametrize("path", RUNNABLE)
+@pytest.mark.parametrize("path", [RUNNABLE[0], pytest.param(RUNNABLE[1],
+                                                             marks=pytest.mark.slow)])
 def test_every_python_snippet_runs(path):
     blocks = snippets(path)
     assert blocks

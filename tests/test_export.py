@@ -173,6 +173,7 @@ def test_the_serialised_encoder_equals_the_embedder(trained_run, tmp_path):
             assert np.abs(got - want[None]).max() <= 1e-5 * scale
 
 
+@pytest.mark.slow
 def test_a_damaged_or_foreign_serialised_encoder_is_refused_naming_the_file(
         trained_run, tmp_path):
     path = serving.save(trained_run, str(tmp_path))

@@ -129,6 +129,7 @@ def structured_batch(batch, seed=0):
     return jnp.asarray(x), loud
 
 
+@pytest.mark.slow
 def test_hint_ratio_zero_prefers_dispersed_and_one_is_random():
     x, loud = structured_batch(512)
     masker = masking.make_masker("dispersion", mask_ratio=0.7)  # 133 masked of 190
@@ -148,6 +149,7 @@ def test_hint_ratio_zero_prefers_dispersed_and_one_is_random():
 
 @pytest.mark.parametrize("options", [{}, {"deterministic": True}, {"metric": "variance"},
                                      {"granularity": "frequency"}])
+@pytest.mark.slow
 @pytest.mark.parametrize("value", [0.0, -7.5])
 def test_silent_input_falls_back_to_uniform(options, value):
     masker = masking.make_masker("dispersion", mask_ratio=0.7, **options)
@@ -235,6 +237,7 @@ def test_time_freq_exact_case_is_lines_only():
         np.testing.assert_array_equal(s, cols[None] | rows[:, None])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("time_ratio,freq_ratio", [(0.7, 0.3), (0.3, 0.2)])
 def test_time_freq_trim_and_top_up(time_ratio, freq_ratio):
     """Masked = the lines, minus a random trim (too many) or plus a top-up (too few)."""

@@ -140,6 +140,7 @@ def test_ema_update_and_decay_schedule():
     assert float(objectives.ema_rate(33, 100)) == pytest.approx(3.6666667e-5, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters(batch):
     x, mask = batch
     kw = dict(size="micro", input_shape=(80, 64), decoder=dict(dim=32, depth=1, heads=2))
