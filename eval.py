@@ -30,7 +30,7 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
-from dwm_jax import checkpointing, cli, config, finetune, probe, sed
+from dwm_jax import checkpointing, cli, config, finetune, probe, sed, storage
 from dwm_jax.embedding import Embedder
 from dwm_jax.errors import NonFiniteError
 from dwm_jax.suite import tasks as suite_tasks
@@ -77,8 +77,7 @@ def _earlier_results(path: str, step: int) -> dict:
     """{task: result} already written for this checkpoint step (kept when only one mode
     runs now); nothing when the file is absent, unreadable or of another step."""
     try:
-        with open(path) as f:
-            earlier = json.load(f)
+        earlier = json.loads(storage.read_text(path))
     except (OSError, ValueError):
         return {}
     if earlier.get("step") != step:
@@ -89,7 +88,8 @@ def _earlier_results(path: str, step: int) -> dict:
 def _open_run(workdir: str, step: int | None):
     """(step, the checkpoint's meta, Embedder) of ``workdir``; CheckpointError / ValueError
     with a one-line message when there is no such checkpoint or it cannot be read."""
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # and create nothing there
+    storage.check_reachable(workdir, "--workdir")
+    if not storage.isdir(storage.join(workdir, "checkpoints")):  # and create nothing there
         raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}")
     ckpt = checkpointing.Checkpointer(workdir, async_save=False)
     try:
@@ -108,16 +108,15 @@ def _open_run(workdir: str, step: int | None):
 
 def _check_writable(out_dir: str) -> None:
     """Fails now, not after every feature is computed, when results cannot be written."""
-    os.makedirs(out_dir, exist_ok=True)
-    probe_file = os.path.join(out_dir, f".writable-{os.getpid()}")
-    with open(probe_file, "w"):
-        pass
-    os.remove(probe_file)
+    storage.makedirs(out_dir)
+    probe_file = storage.join(out_dir, f".writable-{os.getpid()}")
+    storage.write_atomic(probe_file, "")
+    storage.remove(probe_file)
 
 
 def _linear_probes(tasks, data_dir, meta, encoder, results):
     random_init = Embedder.random_init(meta["config"], encoder.stats, seed=0)
-    cache = None if _NO_CACHE.value else os.path.join(_WORKDIR.value, "eval", "cache")
+    cache = None if _NO_CACHE.value else _cache_dir(_WORKDIR.value)
     # cache keys identify the weights (not the step: a retrained run reaches the same step)
     featurisers = {
         "encoder": encoder.featuriser("encoder", _POOL.value),
@@ -160,10 +159,11 @@ def _finetunes(tasks, data_dir, step, out_dir, results):
                                     "finetune": ft}
 
 
-def _write_atomically(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+def _cache_dir(workdir: str) -> str:
+    """``WORKDIR/eval/cache``; for a workdir in a bucket, its local mirror path (features
+    are read back often, and a cache lost with the VM is only recomputed)."""
+    cache = storage.join(workdir, "eval", "cache")
+    return storage.mirror_path(cache) if storage.is_url(cache) else cache
 
 
 def main(argv):
@@ -189,10 +189,10 @@ def main(argv):
         if _MODE.value in ("finetune", "both"):
             _finetunes(tasks, data_dir, step, out_dir, results)
         results = list(results.values())
-        _write_atomically(os.path.join(out_dir, "results.json"), json.dumps(
-            dict(step=step, workdir=os.path.abspath(workdir), tasks=results), indent=1))
+        storage.write_atomic(storage.join(out_dir, "results.json"), json.dumps(
+            dict(step=step, workdir=storage.absolute(workdir), tasks=results), indent=1))
         table = markdown_table(results, step)
-        _write_atomically(os.path.join(out_dir, "results.md"), table)
+        storage.write_atomic(storage.join(out_dir, "results.md"), table)
     except cli.FILE_ERRORS as e:
         return cli.fail("eval.py", cli.describe_os_error(e))
     except (config.ConfigError, probe.ProbeError, ValueError) as e:

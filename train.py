@@ -15,13 +15,12 @@ with ``config.probe.enabled`` it then runs the linear probe and writes ``probe.j
 """
 
 import json
-import os
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 
-from dwm_jax import cli
+from dwm_jax import cli, storage
 
 _CONFIG = cli.define_config_file("train.py", "config", "configs/demo.py",
                                  "a configs/*.py file")
@@ -64,8 +63,8 @@ def main(argv):
     except cli.FILE_ERRORS as e:      # a read-only or misplaced directory
         return cli.fail("train.py", cli.describe_os_error(e))
     print(f"checkpoints: {summary['checkpoint_dir']} (step {summary['final_step']})")
-    print(f"logs: {os.path.join(workdir, 'metrics.jsonl')}, "
-          f"{os.path.join(workdir, 'tensorboard')}")
+    print(f"logs: {storage.join(workdir, 'metrics.jsonl')}, "
+          f"{storage.join(workdir, 'tensorboard')}")
     if "preempted_at" in summary:
         print(f"preempted: saved step {summary['preempted_at']}; rerun the same command to "
               "resume")
@@ -73,9 +72,8 @@ def main(argv):
     if cfg.probe.enabled and jax.process_index() == 0:
         from dwm_jax import probe
         result = probe.probe_workdir(workdir, cfg.data.data_dir, cfg.probe.name or cfg.data.name)
-        path = os.path.join(workdir, "probe.json")
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+        path = storage.join(workdir, "probe.json")
+        storage.write_atomic(path, json.dumps(result, indent=1))
         print(f"probe: test accuracy {result['test_accuracy']:.3f} "
               f"(chance {result['chance']:.3f}) -> {path}")
     return 0

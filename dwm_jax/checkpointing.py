@@ -14,6 +14,7 @@ intact one. A failed save (a full disk) raises :class:`CheckpointSaveError` at o
 
 from __future__ import annotations
 
+from dwm_jax import storage
 from dwm_jax._extras import require
 
 require("train", "orbax")
@@ -136,7 +137,7 @@ class Checkpointer:
     when to save (the trainer: every ``ckpt_every`` steps, at the end and on SIGTERM)."""
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = storage.absolute(storage.join(workdir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -236,8 +237,8 @@ class Checkpointer:
             except CheckpointDamagedError as e:
                 aside = self._aside_name(step)
                 if jax.process_index() == 0:
-                    os.replace(os.path.join(self.directory, str(step)),
-                               os.path.join(self.directory, aside))
+                    storage.move(storage.join(self.directory, str(step)),
+                                 storage.join(self.directory, aside))
                 warn(f"{e}; moved it to {aside} and trying the previous checkpoint")
                 self.manager.reload()
         return None
@@ -245,7 +246,7 @@ class Checkpointer:
     def _aside_name(self, step: int) -> str:
         """``<step>.damaged``, or ``<step>.damaged.N`` when that step was damaged before."""
         name, n = f"{step}.damaged", 1
-        while os.path.exists(os.path.join(self.directory, name)):
+        while storage.exists(storage.join(self.directory, name)):
             n += 1
             name = f"{step}.damaged.{n}"
         return name

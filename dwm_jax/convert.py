@@ -15,9 +15,7 @@ The name table and the file readers are :mod:`dwm_jax.torch_layout`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import sys
 import time
 from typing import Mapping
@@ -26,7 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dwm_jax import build, checkpointing
+from dwm_jax import build, checkpointing, storage
 from dwm_jax import config as config_lib
 from dwm_jax.models import vit
 from dwm_jax.torch_layout import (FALLBACK_NORM_STATS, ConversionError, Sizes, from_torch,
@@ -74,17 +72,13 @@ def converted_config(sizes: Sizes):
 
 
 def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+    return storage.digest(path)
 
 
 def _existing(workdir: str, sha256: str, options: dict) -> dict | None:
     """None when ``workdir`` holds no checkpoint; the report saved with the checkpoint when
     it holds this very conversion; raises ConversionError when it holds anything else."""
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if not storage.isdir(storage.join(workdir, "checkpoints")):
         return None
     ckpt = checkpointing.Checkpointer(workdir, async_save=False)
     try:
@@ -113,17 +107,19 @@ def convert(path: str, workdir: str, *, num_heads=None, decoder_num_heads=None,
     options = dict(num_heads=num_heads, decoder_num_heads=decoder_num_heads,
                    input_shape=list(input_shape) if input_shape else None,
                    norm_stats=list(norm_stats) if norm_stats else None)
-    sha256 = _sha256(path) if os.path.isfile(path) else ""
+    storage.check(path, "checkpoint")
+    storage.check_reachable(workdir, "--workdir")
+    sha256 = _sha256(path) if storage.isfile(path) else ""
     done = _existing(workdir, sha256, options)
     if done is not None:
         log(f"{workdir} already holds this conversion of {path}; nothing to do")
         try:
-            with open(os.path.join(workdir, "conversion.json")) as f:
-                return json.load(f)
+            return json.loads(storage.read_text(storage.join(workdir, "conversion.json")))
         except (OSError, ValueError):  # a run stopped after its checkpoint: finish it
-            _write_json(os.path.join(workdir, "conversion.json"), done)
+            _write_json(storage.join(workdir, "conversion.json"), done)
             return done
-    raw, args = read_checkpoint(path)
+    with storage.local_file(path) as local:
+        raw, args = read_checkpoint(local)
     state_dict, notes = strip_prefixes(raw)
     del raw
     precision = _as_float32(state_dict, notes)
@@ -137,7 +133,7 @@ def convert(path: str, workdir: str, *, num_heads=None, decoder_num_heads=None,
     state = _converted_state(state_dict, sizes, cfg, notes)
     check_diff = _check_encoder(state_dict, state, sizes, cfg, precision) if check else None
     report = dict(
-        file=os.path.abspath(path), sha256=sha256, options=options,
+        file=storage.absolute(path), sha256=sha256, options=options,
         objective=sizes.objective, size=sizes.size, patch_size=list(sizes.patch_size),
         input_shape=list(sizes.input_shape), decoder=sizes.decoder, mask_ratio=sizes.mask_ratio,
         heads=sizes.heads, sources=sizes.sources, precision=precision,
@@ -147,15 +143,13 @@ def convert(path: str, workdir: str, *, num_heads=None, decoder_num_heads=None,
         parameters=int(sum(np.size(v) for v in jax.tree.leaves(state))))
     _write_workdir(workdir, state, cfg, stats, report)
     report["seconds"] = round(time.perf_counter() - t0, 2)
-    _write_json(os.path.join(workdir, "conversion.json"), report)
+    _write_json(storage.join(workdir, "conversion.json"), report)
     return report
 
 
 def _write_json(path: str, obj) -> None:
-    """Written whole or not at all (a temporary file renamed over the old one)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    """Written whole or not at all."""
+    storage.write_atomic(path, json.dumps(obj, indent=1))
 
 
 # how far stored positions may be from ours: float32 rounding, or that of the half precision
@@ -320,14 +314,14 @@ def _write_workdir(workdir: str, state: dict, cfg, stats, report: dict):
                 signature=checkpointing.tree_signature(state),
                 dataset=dict(name="converted", split="", clips=0, fingerprint=""),
                 steps_per_epoch=1, total_steps=1, converted_from=report)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     ckpt = checkpointing.Checkpointer(workdir, keep=1, async_save=False)
     try:
         ckpt.save(0, state, None, meta)
         ckpt.wait()
     finally:
         ckpt.close()
-    _write_json(os.path.join(workdir, "config.json"), meta["config"])
+    _write_json(storage.join(workdir, "config.json"), meta["config"])
 
 
 def _norm_stats_flag(text: str):
@@ -370,7 +364,7 @@ def main(argv=None) -> int:
         r = convert(a.checkpoint, a.workdir, num_heads=a.num_heads,
                     decoder_num_heads=a.decoder_num_heads, input_shape=a.input_shape,
                     norm_stats=a.norm_stats, check=not a.no_check)
-    except (ConversionError, OSError) as e:
+    except (ConversionError, storage.StorageError, OSError) as e:
         print(f"convert: {e}", file=sys.stderr)
         return 2
     for note in r["notes"]:

@@ -33,7 +33,7 @@ import sys
 import jax
 import numpy as np
 
-from dwm_jax import audio, checkpointing, cli, serving, weights
+from dwm_jax import audio, checkpointing, cli, serving, storage, weights
 from dwm_jax import config as config_lib
 from dwm_jax.models import vit
 from dwm_jax.torch_layout import ConversionError, to_torch
@@ -121,8 +121,13 @@ def folder_name(name: str, cfg) -> str:
 
 
 def write_checkpoint(path: str, state_dict: dict, args: dict, fmt: str) -> None:
-    """One file in their layout; written to a temporary name and renamed."""
-    tmp = f"{path}.tmp.{fmt}"
+    """One file in their layout; written to a temporary name and renamed (for a bucket,
+    written locally and uploaded in one piece)."""
+    with storage.staged(path, f".tmp.{fmt}") as tmp:
+        _write_layout(tmp, state_dict, args, fmt)
+
+
+def _write_layout(tmp: str, state_dict: dict, args: dict, fmt: str) -> None:
     if fmt == "pth":
         torch = _torch()
         torch.save({"model": {k: torch.from_numpy(np.array(v, np.float32))
@@ -135,7 +140,6 @@ def write_checkpoint(path: str, state_dict: dict, args: dict, fmt: str) -> None:
     else:
         with open(tmp, "wb") as f:
             np.savez(f, **state_dict)
-    os.replace(tmp, path)
 
 
 def _torch():
@@ -191,14 +195,14 @@ def model_card(w: weights.Weights, cfg, args: dict, fmt: str, file: str,
 def _frontend_of(cfg) -> dict:
     """The front end the training data was made with (its dataset's metadata), or the
     default one when that dataset is not at hand."""
-    path = os.path.join(cfg.data.data_dir, *cfg.data.name.split("/"))
+    path = storage.join(cfg.data.data_dir, *cfg.data.name.split("/"))
     found = None
-    if os.path.isdir(path):
-        versions = sorted(v for v in os.listdir(path)
-                          if os.path.isfile(os.path.join(path, v, "metadata.json")))
+    if storage.isdir(path):
+        versions = sorted(v for v in storage.listdir(path)
+                          if storage.isfile(storage.join(path, v, "metadata.json")))
         if versions:
-            with open(os.path.join(path, versions[-1], "metadata.json")) as f:
-                found = json.load(f).get("frontend")
+            found = json.loads(storage.read_text(
+                storage.join(path, versions[-1], "metadata.json"))).get("frontend")
     settings = {**dataclasses.asdict(audio.LogMelFrontEnd()), **(found or {})}
     settings["source"] = ("the training dataset's metadata" if found else
                           "the default front end (the training dataset was not found)")
@@ -210,8 +214,7 @@ def _recorded_results(workdir: str, step: int) -> dict:
     out = {}
     for name in ("probe.json", os.path.join("eval", "results.json")):
         try:
-            with open(os.path.join(workdir, name)) as f:
-                found = json.load(f)
+            found = json.loads(storage.read_text(storage.join(workdir, name)))
         except (OSError, ValueError):
             continue
         if name == "probe.json" or found.get("step") == step:
@@ -271,27 +274,30 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, fmt: str = "p
     requirement is checked before the first write; a failure after it removes what this
     call wrote."""
     check_request(fmt, authors_folder, onnx)
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    storage.check(out_dir, "out")
+    storage.check_reachable(workdir, "workdir")
+    if not storage.isdir(storage.join(workdir, "checkpoints")):
         raise ExportError(f"{workdir}: no checkpoints there")
     w = weights.read_weights(workdir, step)
     cfg = config_lib.from_stored(w.config)
     state_dict, notes = state_dict_of(w, cfg)
     args = args_of(cfg, w)
     if authors_folder:
-        out_dir = os.path.join(out_dir, folder_name(authors_folder, cfg))
-    path = os.path.join(out_dir, f"checkpoint-{w.step}.{fmt}")
+        out_dir = storage.join(out_dir, folder_name(authors_folder, cfg))
+    path = storage.join(out_dir, f"checkpoint-{w.step}.{fmt}")
     folders = [out_dir] + ([os.path.dirname(out_dir)] if authors_folder else [])
     before = {folder: _files_in(folder) for folder in folders}
     try:
-        os.makedirs(out_dir, exist_ok=True)
+        storage.makedirs(out_dir)
         write_checkpoint(path, state_dict, args, fmt)
         card = model_card(w, cfg, args, fmt, path, notes)
         if serving_export:
             card["serving"] = os.path.basename(serving.save(workdir, out_dir, w.step))
         if onnx:
             card["onnx"] = os.path.basename(serving.save_onnx(workdir, out_dir, w.step))
-        _write_text(os.path.join(out_dir, "model_card.json"), json.dumps(card, indent=1))
-        _write_text(os.path.join(out_dir, "model_card.md"), card_markdown(card))
+        storage.write_atomic(storage.join(out_dir, "model_card.json"),
+                             json.dumps(card, indent=1))
+        storage.write_atomic(storage.join(out_dir, "model_card.md"), card_markdown(card))
     except BaseException:
         for folder in folders:   # innermost first
             _remove_new_files(folder, before[folder])
@@ -302,25 +308,19 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, fmt: str = "p
 
 def _files_in(folder: str) -> set[str] | None:
     """The names directly in ``folder`` (None when it does not exist yet)."""
-    return set(os.listdir(folder)) if os.path.isdir(folder) else None
+    return set(storage.listdir(folder)) if storage.isdir(folder) else None
 
 
 def _remove_new_files(folder: str, before: set[str] | None) -> None:
     """Removes the files that appeared in ``folder`` since ``before``, and the folder itself
     when it is new and left empty."""
-    if not os.path.isdir(folder):
+    if not storage.isdir(folder):
         return
-    for name in set(os.listdir(folder)) - (before or set()):
-        if os.path.isfile(os.path.join(folder, name)):
-            os.remove(os.path.join(folder, name))
-    if before is None and not os.listdir(folder):
+    for name in set(storage.listdir(folder)) - (before or set()):
+        if storage.isfile(storage.join(folder, name)):
+            storage.remove(storage.join(folder, name))
+    if before is None and not storage.is_url(folder) and not os.listdir(folder):
         os.rmdir(folder)
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def main(argv=None) -> int:
@@ -341,7 +341,7 @@ def main(argv=None) -> int:
     try:
         card = export(a.workdir, a.out, step=a.step, fmt=a.format,
                       authors_folder=a.authors_folder, serving_export=a.serving, onnx=a.onnx)
-    except (ExportError, ConversionError, config_lib.ConfigError,
+    except (ExportError, ConversionError, config_lib.ConfigError, storage.StorageError,
             checkpointing.CheckpointDamagedError, checkpointing.CheckpointMismatchError) as e:
         return cli.fail("python -m dwm_jax.export", str(e))
     except cli.FILE_ERRORS as e:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dwm_jax import checkpointing, weights
+from dwm_jax import checkpointing, storage, weights
 
 FORMAT_VERSION = 1
 
@@ -66,7 +66,7 @@ def save(workdir: str, out_dir: str, step: int | None = None) -> str:
     w_step = _step_of(workdir, step)
     encoder, stats, _ = weights.load_encoder(workdir, w_step)
     exported = export_encoder(encoder)
-    path = os.path.join(out_dir, f"encoder-{w_step}.stablehlo")
+    path = storage.join(out_dir, f"encoder-{w_step}.stablehlo")
     _write_with_sidecar(path, bytes(exported.serialize()), _sidecar(
         encoder, stats, platforms=list(exported.platforms)))
     return path
@@ -81,7 +81,7 @@ def save_onnx(workdir: str, out_dir: str, step: int | None = None) -> str:
     jax2onnx = _jax2onnx()
     w_step = _step_of(workdir, step)
     encoder, stats, _ = weights.load_encoder(workdir, w_step)
-    path = os.path.join(out_dir, f"encoder-{w_step}.onnx")
+    path = storage.join(out_dir, f"encoder-{w_step}.onnx")
     model = jax2onnx.to_onnx(encoder_features_fn(encoder),
                              [("B", *encoder.input_shape)], model_name="dwm_jax_encoder",
                              input_names=["log_mel"], output_names=["features"])
@@ -117,13 +117,9 @@ def _sidecar(encoder, stats, **extra) -> dict:
 def _write_with_sidecar(path: str, payload: bytes, side: dict) -> None:
     """``path`` and ``path.json`` (with the payload's SHA-256), each written to a temporary
     name and renamed; the side-car last, so a file with a side-car is whole."""
-    with open(path + ".tmp", "wb") as f:
-        f.write(payload)
-    os.replace(path + ".tmp", path)
+    storage.write_atomic(path, payload)
     side["sha256"] = hashlib.sha256(payload).hexdigest()
-    with open(path + ".json.tmp", "w") as f:
-        json.dump(side, f, indent=1)
-    os.replace(path + ".json.tmp", path + ".json")
+    storage.write_atomic(path + ".json", json.dumps(side, indent=1))
 
 
 def _step_of(workdir: str, step: int | None) -> int:
@@ -144,11 +140,10 @@ def read_verified(path: str) -> tuple[bytes, dict]:
     """A serialised encoder's bytes and side-car, its SHA-256 checked against the side-car's
     (ServingFileError naming the file when they differ or the side-car is unreadable). A
     file without a side-car is read unchecked, with a warning."""
-    with open(path, "rb") as f:
+    with storage.open(path, "rb") as f:
         payload = f.read()
     try:
-        with open(path + ".json") as f:
-            side = json.load(f)
+        side = json.loads(storage.read_text(path + ".json"))
     except FileNotFoundError:
         warnings.warn(f"{path}: no side-car {os.path.basename(path)}.json, so the file cannot "
                       "be checked for damage", stacklevel=2)

@@ -23,7 +23,7 @@ MAX_FUNCTION_LINES = 120
 
 CORE = ("_extras", "errors", "normalisation", "masking", "models", "objectives", "config",
         "build", "checkpointing", "weights", "sharding", "profiling", "audio",
-        "torch_layout", "locks", "cli", "serving", "topologies")
+        "torch_layout", "locks", "cli", "serving", "topologies", "storage")
 # layer -> (its modules, by first component under dwm_jax; the layers it may import)
 LAYERS = {
     "masking": (("masking",), ()),

@@ -15,7 +15,6 @@ the builder config and any skipped files. Reading needs no TensorFlow (see pipel
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
@@ -29,9 +28,9 @@ import tempfile
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dwm_jax import audio, locks
+from dwm_jax import audio, locks, storage
 from dwm_jax.data import events as events_lib
-from dwm_jax.data import layouts, parallel, synthetic
+from dwm_jax.data import layouts, parallel, pipeline, synthetic
 from dwm_jax.data.examples import (EVENTS_KEY, BuildError, Row, SplitStats, check_skipped,
                                    clip_example)
 
@@ -628,6 +627,9 @@ def build(builder: str, data_dir: str, *, config: str | tfds.core.BuilderConfig 
             raise BuildError(f"{builder} has no config {config!r}; known: {sorted(known)} "
                              "(audio_folder needs a config made by audio_folder_config)")
         config = known[config]
+    storage.check(data_dir, "--data_dir")
+    if storage.is_url(data_dir):
+        return _build_to_bucket(builder, data_dir, config, overwrite, workers, beam_options)
     ds_builder = cls(data_dir=data_dir, config=config, file_format="array_record")
     with _build_lock(data_dir, builder, config.name):
         return _build_locked(builder, ds_builder, data_dir, config, overwrite, parallel)
@@ -635,11 +637,44 @@ def build(builder: str, data_dir: str, *, config: str | tfds.core.BuilderConfig 
 
 def _build_lock(data_dir: str, builder: str, name: str):
     """One build of a dataset at a time (a second one would remove the first's unfinished
-    files as left by a killed build). Local data_dirs only: a cloud bucket has no locks."""
-    if "://" in data_dir:
-        return contextlib.nullcontext()
-    path = os.path.join(data_dir, ".locks", f"{builder}-{name}.lock")
+    files as left by a killed build): a lock file, or in a bucket a lease object."""
+    path = storage.join(data_dir, ".locks", f"{builder}-{name}.lock")
     return locks.exclusive(path, f"a build of {builder}/{name}", f"{builder}/{name} in {data_dir}")
+
+
+def _build_to_bucket(builder: str, data_dir: str, config, overwrite: bool, workers: int,
+                     beam_options: str):
+    """Builds into the local copy of ``data_dir`` (array_record writes local files), then
+    uploads the version folder, its descriptions last (a reader takes a dataset without
+    them for unfinished). A dataset already in the bucket is downloaded and checked against
+    the asked settings instead."""
+    storage.check_reachable(data_dir, "--data_dir")
+    local = storage.mirror_path(data_dir)
+    with _build_lock(data_dir, builder, config.name):
+        found = pipeline.latest_version(storage.join(data_dir, builder, config.name))
+        if found and not overwrite:
+            storage.mirror(found, pipeline.MARKERS)
+        ds_builder = build(builder, local, config=config, overwrite=overwrite,
+                           workers=workers, beam_options=beam_options)
+        target = bucket_dir(ds_builder, data_dir)
+        if found and not overwrite:
+            return ds_builder
+        if storage.exists(target):   # --overwrite: the old one is unfinished from here on
+            for marker in pipeline.MARKERS:
+                if storage.exists(storage.join(target, marker)):
+                    storage.remove(storage.join(target, marker))
+            storage.rmtree(target)
+        storage.upload_tree(ds_builder.data_dir, target, last=pipeline.MARKERS)
+    return ds_builder
+
+
+def bucket_dir(ds_builder, data_dir: str) -> str:
+    """Where a dataset built for ``data_dir`` lives: its builder's folder, or for a bucket
+    the same place in the bucket (the builder reads the local copy)."""
+    if not storage.is_url(data_dir):
+        return ds_builder.data_dir
+    rel = os.path.relpath(ds_builder.data_dir, storage.mirror_path(data_dir))
+    return storage.join(data_dir, *rel.split(os.sep))
 
 
 def _build_locked(builder: str, ds_builder, data_dir: str, config, overwrite: bool,

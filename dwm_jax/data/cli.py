@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     except cli.FILE_ERRORS as e:  # a read-only data_dir, an unreadable list, a file for a dir
         return cli.fail(PROG, cli.describe_os_error(e))
     splits = {k: v.num_examples for k, v in ds_builder.info.splits.items()}
-    print(f"built {ds_builder.data_dir}: {splits}")
+    print(f"built {builders.bucket_dir(ds_builder, args.data_dir)}: {splits}")
     return 0
 
 

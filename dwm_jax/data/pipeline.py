@@ -13,7 +13,6 @@ and places the next training batches on the devices while a step runs.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
@@ -26,7 +25,7 @@ from absl import flags
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dwm_jax import audio
+from dwm_jax import audio, storage
 from dwm_jax.normalisation import NormStats
 
 CROP_MODES = ("random", "center", "start")
@@ -71,19 +70,40 @@ class DatasetSplit:
         return NormStats(float(mean), float(np.sqrt(max(total_sq / frames - mean ** 2, 0.0))))
 
 
-def _latest_version(path: str) -> str | None:
-    if os.path.exists(os.path.join(path, "dataset_info.json")):
+def _version_key(name: str) -> tuple[int, ...] | None:
+    parts = name.split(".")
+    return tuple(map(int, parts)) if len(parts) == 3 and all(p.isdigit() for p in parts) \
+        else None
+
+
+def latest_version(path: str) -> str | None:
+    if storage.exists(storage.join(path, "dataset_info.json")):
         return path
-    versions = sorted(glob.glob(os.path.join(path, "*.*.*", "dataset_info.json")),
-                      key=lambda p: tuple(int(v) for v in p.split(os.sep)[-2].split(".")))
-    return os.path.dirname(versions[-1]) if versions else None
+    if not storage.isdir(path):
+        return None
+    versions = sorted((_version_key(v), v) for v in storage.listdir(path)
+                      if _version_key(v) and storage.exists(storage.join(path, v,
+                                                                        "dataset_info.json")))
+    return storage.join(path, versions[-1][1]) if versions else None
+
+
+MARKERS = ("dataset_info.json", "metadata.json")   # written last: a dataset is whole with them
 
 
 def dataset_dir(data_dir: str, name: str) -> str:
     """``DATA_DIR/<builder>/<config>/<latest version>`` of ``name`` = 'builder/config', or
-    ``name`` itself when it is the directory of a built dataset (or of its versions)."""
-    if os.path.isabs(name) or name.startswith("."):
-        found = _latest_version(name) if os.path.isdir(name) else None
+    ``name`` itself when it is the directory of a built dataset (or of its versions). A
+    dataset in a bucket is read through its local copy (array_record reads local files)."""
+    found = _find_dataset(data_dir, name)
+    if storage.is_url(found):
+        return storage.mirror(found, MARKERS)
+    return found
+
+
+def _find_dataset(data_dir: str, name: str) -> str:
+    if os.path.isabs(name) or name.startswith(".") or storage.is_url(name):
+        storage.check(name, "dataset")
+        found = latest_version(name)
         if not found:
             raise FileNotFoundError(f"{name!r} is not the directory of a built dataset (no "
                                     "dataset_info.json in it or in a version subdirectory)")
@@ -91,7 +111,8 @@ def dataset_dir(data_dir: str, name: str) -> str:
     if name.count("/") != 1:
         raise ValueError(f"dataset name must look like 'builder/config' (e.g. "
                          f"'synthetic_sounds/default'); got {name!r}")
-    found = _latest_version(os.path.join(data_dir, name))
+    storage.check(data_dir, "data_dir")
+    found = latest_version(storage.join(data_dir, name))
     if not found:
         raise FileNotFoundError(
             f"dataset {name!r} is not built under {data_dir!r}; build it with "

@@ -14,16 +14,16 @@ from dwm_jax._extras import require
 
 require("train", "flax", "optax", "orbax", "ml_collections", "tensorboardX", "tqdm")
 
-from dwm_jax import checkpointing, locks  # noqa: E402
+from dwm_jax import checkpointing, locks, storage  # noqa: E402
 from dwm_jax.config import ConfigError  # noqa: E402
 from dwm_jax.errors import NonFiniteError  # noqa: E402
 from dwm_jax.train.loop import train  # noqa: E402
 from dwm_jax.train.run_io import MetricsWriteError  # noqa: E402
 
 # The errors that are the user's to fix (a bad config, a run dir of another model, a damaged
-# checkpoint, a full disk, a missing file): entry points print them as one line, exit 2.
+# checkpoint, a full disk, a missing file, a bucket out of reach): entry points print them as one line, exit 2.
 USER_ERRORS = (ConfigError, checkpointing.CheckpointMismatchError,
                checkpointing.CheckpointDamagedError, checkpointing.CheckpointSaveError,
-               MetricsWriteError, locks.LockedError, FileNotFoundError)
+               MetricsWriteError, locks.LockedError, storage.StorageError, FileNotFoundError)
 
 __all__ = ["train", "NonFiniteError", "USER_ERRORS"]

@@ -4,12 +4,11 @@ M2D target where they fit; the optimizer, schedule and data order start afresh."
 
 from __future__ import annotations
 
-import os
 
 import jax
 import numpy as np
 
-from dwm_jax import checkpointing, weights
+from dwm_jax import checkpointing, storage, weights
 from dwm_jax import config as config_lib
 from dwm_jax.models import vit
 
@@ -88,7 +87,7 @@ def start_from(source_dir: str, state: dict, shardings: dict, cfg) -> tuple[dict
     """``config.init_from``: the fresh train ``state`` with ``source_dir``'s weights put in
     (see :func:`merge_weights`), placed with ``shardings``; the optimizer state stays fresh.
     -> (state, notes). ConfigError names config.init_from when the source does not fit."""
-    if not os.path.isdir(os.path.join(source_dir, "checkpoints")):
+    if not storage.isdir(storage.join(source_dir, "checkpoints")):
         raise config_lib.ConfigError(f"config.init_from={source_dir!r}: no checkpoints there")
     try:
         source = weights.read_weights(source_dir, parts=("params", "target"))

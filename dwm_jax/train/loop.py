@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from dwm_jax import build, checkpointing, locks, profiling, sharding
+from dwm_jax import build, checkpointing, locks, profiling, sharding, storage
 from dwm_jax import config as config_lib
 from dwm_jax import data as data_lib
 from dwm_jax.errors import NonFiniteError
@@ -45,7 +45,8 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
     Raises ConfigError (naming the field) before anything is compiled or written when the
     config cannot work."""
     config_lib.check(cfg)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    storage.check_reachable(workdir, "--workdir")
+    if storage.exists(workdir) and not storage.isdir(workdir):
         raise config_lib.ConfigError(f"--workdir {workdir} is a file, not a directory")
     with _workdir_lock(workdir):
         return _train(cfg, workdir, progress)
@@ -61,12 +62,12 @@ def _workdir_lock(workdir: str):
     if jax.process_index() != 0:
         yield
         return
-    created = not os.path.exists(workdir)
+    created = not storage.exists(workdir)
     try:
-        with locks.exclusive(os.path.join(workdir, LOCK_FILE), "a training run", workdir):
+        with locks.exclusive(storage.join(workdir, LOCK_FILE), "a training run", workdir):
             yield
     finally:
-        if created and _nothing_written(workdir):
+        if created and not storage.is_url(workdir) and _nothing_written(workdir):
             shutil.rmtree(workdir)
 
 
@@ -87,7 +88,7 @@ def _train(cfg, workdir: str, progress: bool) -> dict:
     split = _open_data(cfg)
     stats = split.norm_stats()
     steps_per_epoch, total_steps = _run_length(cfg, split)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     inputs = _inputs(cfg, split, stats, local_batch, mesh)
     setup = build.make_setup(cfg, steps_per_epoch, total_steps)
     program = step_lib.step_program(setup, mesh)

@@ -9,19 +9,21 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
+from dwm_jax import storage
+
 log = logging.getLogger(__name__)
 
 
 def write_config(workdir: str, config: dict) -> None:
     """config.json: the config in force in ``workdir``."""
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
+    storage.write_atomic(storage.join(workdir, "config.json"), json.dumps(config, indent=1))
 
 
 def sync_config(workdir: str, config: dict) -> list[str]:
@@ -29,8 +31,7 @@ def sync_config(workdir: str, config: dict) -> list[str]:
     by hand, or missing); returns the fields that differed (``['(the whole file)']`` when it
     was unreadable)."""
     try:
-        with open(os.path.join(workdir, "config.json")) as f:
-            found = json.load(f)
+        found = json.loads(storage.read_text(storage.join(workdir, "config.json")))
     except (OSError, ValueError):
         found = None
     if found == config:
@@ -54,9 +55,9 @@ def _differing_fields(a: dict, b: dict, prefix: str = "") -> set[str]:
 
 def record_changes(workdir: str, step: int, changes):
     """Notes accepted config changes in ``config_changes.jsonl``."""
-    with open(os.path.join(workdir, "config_changes.jsonl"), "a") as f:
-        for field, old, new in changes:
-            f.write(json.dumps(dict(step=step, field=field, checkpoint=old, now=new)) + "\n")
+    storage.append_text(storage.join(workdir, "config_changes.jsonl"), "".join(
+        json.dumps(dict(step=step, field=field, checkpoint=old, now=new)) + "\n"
+        for field, old, new in changes))
     log.warning("resumed at step %d with changed %s (recorded in config_changes.jsonl)", step,
                 ", ".join(c[0] for c in changes))
 
@@ -64,16 +65,19 @@ def record_changes(workdir: str, step: int, changes):
 class MetricsWriter:
     """metrics.jsonl and TensorBoard events (process 0 only). On resume from ``start``, rows
     of later steps (logged by a run killed after its last checkpoint) are dropped first, so
-    each step appears once."""
+    each step appears once. In a bucket, metrics.jsonl is rewritten whole at each log step
+    (objects cannot be appended to) and the events are written locally and copied up."""
 
     def __init__(self, workdir: str, enabled: bool, start: int = 0):
         self.enabled = enabled
         self.failed = False
         if enabled:
-            self.path = os.path.join(workdir, "metrics.jsonl")
+            self.path = storage.join(workdir, "metrics.jsonl")
             truncate_metrics(self.path, start)
-            self.jsonl = open(self.path, "a")
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.jsonl = storage.appender(self.path)
+            self.tb_dir = storage.join(workdir, "tensorboard")
+            self.tb = SummaryWriter(_local_events_dir(self.tb_dir))
+            self.uploaded = time.monotonic()
 
     def write(self, step: int, scalars: dict):
         if not self.enabled:
@@ -84,6 +88,8 @@ class MetricsWriter:
             for k, v in scalars.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(f"train/{k}", v, step)
+            if time.monotonic() - self.uploaded > EVENTS_UPLOAD_S:
+                self._upload_events()
         except OSError as e:  # a full disk: stop here, before a save could fail halfway
             self.failed = True
             raise MetricsWriteError(
@@ -95,13 +101,33 @@ class MetricsWriter:
         """``quiet``: another error is stopping the run; a failed close must not hide it."""
         if not self.enabled:
             return
-        for close in (self.jsonl.close, self.tb.close):
+        for close in (self.jsonl.close, self._close_tensorboard):
             try:
                 close()
             except OSError as e:
                 if not (self.failed or quiet):  # else the run's own error is on its way
                     raise MetricsWriteError(f"{self.path}: closing the metrics failed "
                                             f"({e.strerror or e})") from None
+
+    def _close_tensorboard(self):
+        self.tb.close()
+        self._upload_events()
+
+    def _upload_events(self):
+        """For a workdir in a bucket: the events written locally, copied to the bucket."""
+        self.uploaded = time.monotonic()
+        if storage.is_url(self.tb_dir):
+            self.tb.flush()
+            storage.upload_tree(_local_events_dir(self.tb_dir), self.tb_dir)
+
+
+EVENTS_UPLOAD_S = 60.0   # how often a bucket workdir's TensorBoard events are copied up
+
+
+def _local_events_dir(tb_dir: str) -> str:
+    """Where TensorBoard's writer writes: ``tb_dir``, or for a bucket its local mirror
+    folder (copied up every ``EVENTS_UPLOAD_S`` and at the end)."""
+    return storage.mirror_path(tb_dir) if storage.is_url(tb_dir) else tb_dir
 
 
 class MetricsWriteError(OSError):
@@ -110,10 +136,10 @@ class MetricsWriteError(OSError):
 
 def truncate_metrics(path: str, last_step: int):
     """Keeps the rows of ``path`` up to ``last_step`` (atomically; a torn last line goes)."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return
     kept, dropped = [], False
-    with open(path) as f:
+    with storage.open(path) as f:
         for line in f:
             try:
                 row = json.loads(line)
@@ -125,9 +151,7 @@ def truncate_metrics(path: str, last_step: int):
             else:
                 dropped = True
     if dropped:
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        storage.write_atomic(path, "".join(kept))
 
 
 class Preemption:
