@@ -26,6 +26,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -338,28 +339,60 @@ def mirror_path(url: str) -> str:
     return os.path.join(cache_root(), "buckets", scheme, rest.strip("/"))
 
 
-def mirror(url: str, markers: tuple[str, ...]) -> str:
-    """A local copy of the folder ``url`` (downloaded whole on first use, into a temporary
-    folder renamed when complete); reused while its ``markers`` files equal the bucket's
-    (e.g. a dataset's descriptions, which change with every build). -> the local path."""
+def mirror(url: str) -> str:
+    """A local copy of the file or folder ``url``, downloaded whole on first use (into a
+    temporary name renamed when complete) and reused while the bucket's listing (names,
+    sizes, generations) is the one it was copied from. -> the local path."""
     local = mirror_path(url)
-    remote = {m: _read_bytes(join(url, m)) for m in markers}
-    if all(_local_bytes(os.path.join(local, m)) == remote[m] for m in markers):
+    listing = _listing(url)
+    stamp = local.rstrip("/") + ".listing.json"
+    if os.path.exists(local) and _local_bytes(stamp) == listing:
         return local
     os.makedirs(os.path.dirname(local), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".partial-", dir=os.path.dirname(local))
     try:
-        for rel in walk_files(url):
-            os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
-            with open(join(url, rel), "rb") as f, builtins.open(os.path.join(tmp, rel),
-                                                                  "wb") as g:
+        for rel in json.loads(listing) or {"": 0}:
+            target = os.path.join(tmp, rel) if rel else os.path.join(tmp, "file")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(join(url, rel) if rel else url, "rb") as f, \
+                    builtins.open(target, "wb") as g:
                 shutil.copyfileobj(f, g, 1 << 22)
-        shutil.rmtree(local, ignore_errors=True)
-        os.replace(tmp, local)
+        if os.path.isdir(local):
+            shutil.rmtree(local)
+        elif os.path.exists(local):
+            os.remove(local)
+        os.replace(tmp if isdir(url) else os.path.join(tmp, "file"), local)
+        with builtins.open(stamp, "wb") as f:
+            f.write(listing)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.warning("read %s through its local copy %s", url, local)
     return local
+
+
+def mirrored(url: str) -> None:
+    """Records that the local copy of ``url`` equals it now (after uploading that copy)."""
+    with builtins.open(mirror_path(url).rstrip("/") + ".listing.json", "wb") as f:
+        f.write(_listing(url))
+
+
+def _listing(url: str) -> bytes:
+    """{relative name: [size, generation]} of every object under ``url`` (one listing)."""
+    import fsspec
+    fs = fsspec.filesystem(url.split("://", 1)[0])
+    if not fs.isdir(url):
+        info = fs.info(url)   # FileNotFoundError names it
+        return json.dumps({"": [info.get("size"), info.get("generation")]}).encode()
+    root = url.split("://", 1)[1].rstrip("/")
+    found = fs.find(url, detail=True)
+    return json.dumps({name[len(root):].lstrip("/"): [i.get("size"), i.get("generation")]
+                       for name, i in sorted(found.items())}, sort_keys=True).encode()
+
+
+def localise(path: str) -> str:
+    """``path`` itself, or for a URL its local copy (:func:`mirror`): for readers that need
+    local files (audio folders, their tables)."""
+    return mirror(path) if path and is_url(path) else path
 
 
 def _read_bytes(path: str) -> bytes | None:

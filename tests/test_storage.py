@@ -159,6 +159,29 @@ def test_a_fresh_lease_refuses_a_second_holder_and_a_stale_one_is_taken_over(gcs
     assert not storage.exists(path)   # released
 
 
+@pytest.mark.slow
+def test_an_audio_folder_and_its_table_in_a_bucket_build_into_a_bucket(gcs, tmp_path):
+    import soundfile
+
+    from dwm_jax import data
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    rng = np.random.default_rng(0)
+    rows = ["filename,label,split"]
+    for i in range(6):
+        soundfile.write(str(clips / f"{i}.wav"),
+                        (0.1 * rng.standard_normal(16000)).astype(np.float32), 16000)
+        rows.append(f"{i}.wav,{'ab'[i % 2]},{'train' if i < 4 else 'test'}")
+    storage.upload_tree(str(clips), f"{gcs}/audio/clips")
+    storage.write_atomic(f"{gcs}/audio/labels.csv", "\n".join(rows) + "\n")
+    config = data.audio_folder_config("tiny", audio_dir=f"{gcs}/audio/clips",
+                                      csv_path=f"{gcs}/audio/labels.csv")
+    built = data.build("audio_folder", f"{gcs}/tfds", config=config)
+    assert {k: v.num_examples for k, v in built.info.splits.items()} == {"train": 4, "test": 2}
+    split = data.open_split(f"{gcs}/tfds", "audio_folder/tiny", "train")
+    assert len(split) == 4 and split.label_names == ("a", "b")
+
+
 CHILD = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})

@@ -249,6 +249,10 @@ def audio_folder_config(name: str, *, root: str = "", preset: str = "", audio_di
         csv_path = csv_path or (os.path.join(root, csv_rel) if csv_rel else "")
         split_file = split_file or (os.path.join(root, split_rel) if split_rel else "")
         fields = {**p, **fields}
+    audio_dir, csv_path, split_file = (storage.localise(storage.check(p, "path"))
+                                       for p in (audio_dir, csv_path, split_file))
+    if fields.get("events"):
+        fields["events"] = storage.localise(storage.check(fields["events"], "--events"))
     if not audio_dir:
         raise BuildError("audio_folder needs audio_dir= (or preset= and root=)")
     if not _SPLIT_NAME.match(name):
@@ -653,7 +657,7 @@ def _build_to_bucket(builder: str, data_dir: str, config, overwrite: bool, worke
     with _build_lock(data_dir, builder, config.name):
         found = pipeline.latest_version(storage.join(data_dir, builder, config.name))
         if found and not overwrite:
-            storage.mirror(found, pipeline.MARKERS)
+            storage.mirror(found)
         ds_builder = build(builder, local, config=config, overwrite=overwrite,
                            workers=workers, beam_options=beam_options)
         target = bucket_dir(ds_builder, data_dir)
@@ -665,6 +669,7 @@ def _build_to_bucket(builder: str, data_dir: str, config, overwrite: bool, worke
                     storage.remove(storage.join(target, marker))
             storage.rmtree(target)
         storage.upload_tree(ds_builder.data_dir, target, last=pipeline.MARKERS)
+        storage.mirrored(target)
     return ds_builder
 
 

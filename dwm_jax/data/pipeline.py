@@ -96,7 +96,7 @@ def dataset_dir(data_dir: str, name: str) -> str:
     dataset in a bucket is read through its local copy (array_record reads local files)."""
     found = _find_dataset(data_dir, name)
     if storage.is_url(found):
-        return storage.mirror(found, MARKERS)
+        return storage.mirror(found)
     return found
 
 
