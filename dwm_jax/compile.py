@@ -29,7 +29,7 @@ if "xla_gpu_autotune_level" not in os.environ.get("XLA_FLAGS", ""):
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-from dwm_jax import aot, cli, topologies  # noqa: E402
+from dwm_jax import aot, cli, storage, topologies  # noqa: E402
 from dwm_jax import config as config_lib  # noqa: E402
 
 PROG = "python -m dwm_jax.compile"
@@ -53,6 +53,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)
     for flag in (_SAVE, _JSON):   # before minutes of compiling
+        try:
+            storage.local_only(flag.value or "", f"--{flag.name}")
+        except storage.StorageError as e:
+            return cli.fail(PROG, str(e))
         folder = os.path.dirname(os.path.abspath(flag.value)) if flag.value else ""
         if folder and not os.path.isdir(folder):
             return cli.fail(PROG, f"--{flag.name}={flag.value}: no folder {folder}")

@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dwm_jax import audio, masking  # noqa: E402
+from dwm_jax import audio, masking, storage  # noqa: E402
 
 SAMPLE_RATE = 16000
 
@@ -106,6 +106,10 @@ def main(argv=None):
     ap.add_argument("--outdir", default="docs/figures")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    try:
+        storage.local_only(args.outdir, "--outdir")
+    except storage.StorageError as e:
+        ap.error(str(e))
     os.makedirs(args.outdir, exist_ok=True)
     masks_png = os.path.join(args.outdir, "masks.png")
     sched_png = os.path.join(args.outdir, "hint_schedule.png")

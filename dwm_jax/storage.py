@@ -75,6 +75,15 @@ def check(path: str, what: str = "path") -> str:
     return path
 
 
+def local_only(path: str, what: str) -> str:
+    """``path`` when it is a local path; StorageError for a URL (or one that lost a slash),
+    for tools that write only on this machine."""
+    if is_url(check(path, what)):
+        raise StorageError(f"{what} {path!r}: this tool writes on this machine only; give a "
+                           "local path")
+    return path
+
+
 def _configure_gcsfs() -> None:
     """Fresh listings (other hosts write the same bucket), and no probing of the bucket's
     layout over gRPC (a minute's wait where that service is absent, e.g. a test server)."""

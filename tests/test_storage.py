@@ -82,6 +82,21 @@ def test_train_py_refuses_a_bad_url_or_a_bucket_out_of_reach_in_one_line(tmp_pat
         assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("tool, argv", [
+    ("dwm_jax.plots", ["--outdir", "gs://bucket/figures"]),
+    ("dwm_jax.study.curve", ["--workdir", "gs://bucket/run"]),
+    ("dwm_jax.study.run", ["--outdir", "gs:/bucket/study"]),
+])
+def test_tools_that_write_here_only_refuse_a_url(tool, argv, tmp_path, monkeypatch, capsys):
+    import importlib
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(tool).main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and ("local path" in err or "lost a slash" in err), err
+    assert os.listdir(tmp_path) == []
+
+
 # ------------------------------------------------------------------- against a GCS server
 
 def _free_port() -> int:

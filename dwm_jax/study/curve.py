@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from dwm_jax import probe, weights
+from dwm_jax import probe, storage, weights
 from dwm_jax.embedding import POOLINGS, Embedder
 from dwm_jax.suite import tasks as suite
 
@@ -80,6 +80,10 @@ def main(argv=None):
     p.add_argument("--pool", default="mean", choices=POOLINGS,
                    help="an encoder's clip feature: the mean of its time steps, or mean and std")
     args = p.parse_args(argv)
+    try:
+        storage.local_only(args.workdir, "--workdir")
+    except storage.StorageError as e:
+        p.error(str(e))
     tasks = suite.task_specs(args.tasks)
     steps = ([int(s) for s in args.steps.split(",")] if args.steps
              else checkpoint_steps(args.workdir))

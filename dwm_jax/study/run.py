@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from dwm_jax import config, probe, sed, train
+from dwm_jax import config, probe, sed, storage, train
 from dwm_jax.embedding import POOLINGS, Embedder
 from dwm_jax.study.arms import ARMS, DEFAULT_ARMS, apply_arm
 from dwm_jax.suite import tasks as suite
@@ -295,6 +295,10 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown strategies {sorted(unknown)}; choose from {list(ARMS)}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        storage.local_only(args.outdir, "--outdir")
+    except storage.StorageError as e:
+        p.error(str(e))
     tasks = suite.task_specs(args.tasks)
     tasks = tasks or [study_config(args.strategies[0], 0, args).data.name]
     names, fingerprints = {}, {}
