@@ -32,7 +32,6 @@ import hashlib
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -44,7 +43,7 @@ from dwm_jax.normalisation import NormStats
 # Part of every embedding cache key: bump it when the features that given weights produce
 # change. 2: the authors' positions and runtime chunking.
 FEATURE_VERSION = 2
-# Encoder windows per call: a 20-minute clip is 200 windows of 6 s, run in groups of this.
+# Encoder windows per call (of one clip or many): a 20-minute clip is 200 windows of 6 s.
 MAX_WINDOWS = 32
 # How a clip's time steps [T', D] become one vector: the authors' mean, or mean and std.
 POOLINGS = ("mean", "mean_std")
@@ -53,6 +52,27 @@ POOLINGS = ("mean", "mean_std")
 def _bucket(n: int) -> int:
     """Windows per call rounded up to a power of two: few shapes, few compilations."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+def _pooled(steps: np.ndarray, pool: str) -> np.ndarray:
+    if pool == "mean":
+        return steps.mean(axis=0)
+    return np.concatenate([steps.mean(axis=0), steps.std(axis=0)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Featuriser:
+    """log_mel -> features, callable on one clip, with ``batch(log_mels)`` for many at once
+    (the probe and the frame-level probe read clips in batches through it)."""
+
+    one: object
+    many: object
+
+    def __call__(self, log_mel):
+        return self.one(log_mel)
+
+    def batch(self, log_mels):
+        return self.many(log_mels)
 
 
 class Embedder:
@@ -108,7 +128,35 @@ class Embedder:
 
         ``params``: other weights of the same encoder (its ``nnx.state``; e.g. while it is
         being fine-tuned) instead of this embedder's own."""
+        return self.time_features_batch([log_mel], params)[0]
+
+    def time_features_batch(self, log_mels, params=None) -> list[np.ndarray]:
+        """Many clips at once, as :meth:`time_features` gives each: every whole window of
+        every clip in calls of up to MAX_WINDOWS (padded to a power of two, split over this
+        host's devices), the shorter last windows grouped by width (one compilation each).
+        -> [ceil(T_i / patch_w), Fp * dim] per clip."""
         params = self._params if params is None else params
+        xs = [self._normalised(lm) for lm in log_mels]
+        if not xs:
+            return []
+        fulls = [x.shape[1] // self.frames for x in xs]
+        whole = [x[:, :n * self.frames].reshape(self.n_mels, n, self.frames).transpose(1, 0, 2)
+                 for x, n in zip(xs, fulls)]
+        steps = self._run_windows(np.concatenate(whole), params)
+        out = [s.reshape(-1, self.dim) for s in np.split(steps, np.cumsum(fulls)[:-1])]
+        by_width: dict[int, list[int]] = {}
+        for c, (x, n) in enumerate(zip(xs, fulls)):
+            if x.shape[1] > n * self.frames:
+                by_width.setdefault(x.shape[1] - n * self.frames, []).append(c)
+        for width, clips in by_width.items():   # the shorter last chunks, own positions
+            last = np.stack([xs[c][:, fulls[c] * self.frames:] for c in clips])
+            for c, tail in zip(clips, self._run_windows(last, params)):
+                out[c] = np.concatenate([out[c], tail])
+        return out
+
+    def _normalised(self, log_mel) -> np.ndarray:
+        """Raw log-mel [n_mels, T], checked, normalised and zero-padded (the normalised mean)
+        to a whole number of patches."""
         log_mel = np.asarray(log_mel, np.float32)
         if log_mel.ndim != 2 or log_mel.shape[0] != self.n_mels:
             raise ValueError(f"expected a log-mel [{self.n_mels}, T]; got {log_mel.shape}")
@@ -119,33 +167,44 @@ class Embedder:
             raise ValueError(f"the log-mel holds {np.sum(~np.isfinite(log_mel))} NaN or "
                              "infinite value(s)")
         x = (log_mel - self.stats.mean) / self.stats.std
-        x = np.pad(x, ((0, 0), (0, -length % self.patch_w)))   # zeros: the normalised mean
-        full, rest = divmod(x.shape[1], self.frames)
+        return np.pad(x, ((0, 0), (0, -length % self.patch_w)))
+
+    def _run_windows(self, windows, params) -> np.ndarray:
+        """Windows [W, F, T'] of one width -> [W, T' / pw, Fp * dim], at most MAX_WINDOWS a
+        call (memory stays flat), padded to few shapes; a call of at least one window per
+        device is split over the devices."""
+        if not len(windows):
+            return np.zeros((0, windows.shape[2] // self.patch_w, self.dim), np.float32)
         parts = []
-        # whole chunks, at most MAX_WINDOWS per call (memory stays flat for any length),
-        # padded to a power-of-two count: few compilations
-        for first in range(0, full, MAX_WINDOWS):
-            n = min(MAX_WINDOWS, full - first)
-            windows = np.zeros((_bucket(n), self.n_mels, self.frames), np.float32)
-            windows[:n] = x[:, first * self.frames:(first + n) * self.frames].reshape(
-                self.n_mels, n, self.frames).transpose(1, 0, 2)
-            steps = np.asarray(self._chunks_fn(params, jnp.asarray(windows)))
-            parts.append(steps[:n].reshape(-1, self.dim))
-        if rest:  # the shorter last chunk, with its own (truncated) positions
-            last = jnp.asarray(x[None, :, full * self.frames:])
-            parts.append(np.asarray(self._chunks_fn(params, last))[0])
+        for first in range(0, len(windows), MAX_WINDOWS):
+            chunk = windows[first:first + MAX_WINDOWS]
+            devices = self._batch_sharding.mesh.size
+            split = len(chunk) >= devices    # else one device: padding would outweigh it
+            size = -(-_bucket(len(chunk)) // devices) * devices if split else _bucket(len(chunk))
+            padded = np.zeros((size, *chunk.shape[1:]), np.float32)
+            padded[:len(chunk)] = chunk
+            x = jax.device_put(padded, self._batch_sharding if split else jax.local_devices()[0])
+            parts.append(np.asarray(self._chunks_fn(params, x))[:len(chunk)])
         return np.concatenate(parts)
+
+    @functools.cached_property
+    def _batch_sharding(self):
+        """Batches split over this host's devices (all of them; one on a plain CPU)."""
+        mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
     def clip_embedding(self, log_mel: np.ndarray, params=None, pool: str = "mean"
                        ) -> np.ndarray:
         """Raw log-mel [n_mels, T] -> [Fp * dim], the mean over the clip's time steps, or
         with ``pool="mean_std"`` [2 * Fp * dim], their mean then their std."""
+        return self.clip_embeddings([log_mel], params, pool)[0]
+
+    def clip_embeddings(self, log_mels, params=None, pool: str = "mean") -> np.ndarray:
+        """Many clips' embeddings at once [N, D] (see :meth:`clip_embedding`)."""
         if pool not in POOLINGS:
             raise ValueError(f"pool must be one of {POOLINGS}; got {pool!r}")
-        steps = self.time_features(log_mel, params)
-        if pool == "mean":
-            return steps.mean(axis=0)
-        return np.concatenate([steps.mean(axis=0), steps.std(axis=0)])
+        return np.stack([_pooled(steps, pool)
+                         for steps in self.time_features_batch(log_mels, params)])
 
     def featuriser(self, name: str, pool: str = "mean"):
         """(log_mel -> clip vector, cache key) for probe.evaluate_task: ``name`` (e.g.
@@ -153,12 +212,14 @@ class Embedder:
         if pool not in POOLINGS:
             raise ValueError(f"pool must be one of {POOLINGS}; got {pool!r}")
         key = f"{name}_{self.fingerprint}" + ("" if pool == "mean" else f"_{pool}")
-        return functools.partial(self.clip_embedding, pool=pool), key
+        return Featuriser(functools.partial(self.clip_embedding, pool=pool),
+                          functools.partial(self.clip_embeddings, pool=pool)), key
 
     def step_featuriser(self, name: str):
         """(log_mel -> per-step features [T', D], cache key, patch width) for frame-level
         tasks (``sed.evaluate_frame_task``)."""
-        return self.time_features, f"{name}_{self.fingerprint}_steps", self.patch_w
+        return (Featuriser(self.time_features, self.time_features_batch),
+                f"{name}_{self.fingerprint}_steps", self.patch_w)
 
     def from_waveform(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
         """Mono waveform [samples] at any rate -> clip embedding (resampled to the front end's

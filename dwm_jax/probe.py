@@ -227,6 +227,24 @@ def _read_cache(path: str, n: int) -> np.ndarray | None:
     return x if x.ndim == 2 and len(x) == n else None
 
 
+CLIPS_PER_BATCH = 256   # clips read and encoded together (their windows batched)
+
+
+def featurise_all(count: int, read, featurise, desc: str = "embed") -> list:
+    """``featurise`` on clips ``read(0) .. read(count - 1)`` (log-mels, read as needed):
+    through its ``batch`` (many clips an encoder call) in groups of CLIPS_PER_BATCH where it
+    has one, else clip by clip."""
+    batch = getattr(featurise, "batch", None)
+    out: list = []
+    with tqdm(total=count, desc=desc, unit="clip", leave=False, dynamic_ncols=True) as bar:
+        step = CLIPS_PER_BATCH if batch else 1
+        for first in range(0, count, step):
+            group = [read(i) for i in range(first, min(first + step, count))]
+            out.extend(batch(group) if batch else [featurise(group[0])])
+            bar.update(len(group))
+    return out
+
+
 def features_of(split: data_lib.DatasetSplit, featurise, *, cache: str | None = None,
                 desc: str = "embed") -> np.ndarray:
     """The features [n, D] of every clip of ``split`` through ``featurise(log_mel)``, cached
@@ -235,10 +253,8 @@ def features_of(split: data_lib.DatasetSplit, featurise, *, cache: str | None = 
         x = _read_cache(cache, len(split))
         if x is not None:
             return x
-    xs = [featurise(split.source[i]["log_mel"])
-          for i in tqdm(range(len(split)), desc=desc, unit="clip", leave=False,
-                        dynamic_ncols=True)]
-    x = np.stack(xs)
+    x = np.stack(featurise_all(len(split), lambda i: split.source[i]["log_mel"], featurise,
+                               desc))
     if not np.isfinite(x).all():  # never cached, never probed: a chance score would hide it
         bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
         raise ProbeError(f"{desc}: the features of clip {bad} ({split.name}:{split.split}) "

@@ -195,7 +195,8 @@ def _cached_steps(examples, featurise, cache: str | None, desc: str) -> list[np.
                 return np.split(x, np.cumsum(lengths)[:-1])
         except (OSError, ValueError, KeyError, EOFError):
             pass  # recomputed below
-    feats = [np.asarray(featurise(ex["log_mel"]), np.float32) for ex in examples]
+    feats = [np.asarray(f, np.float32) for f in probe.featurise_all(
+        len(examples), lambda i: examples[i]["log_mel"], featurise, desc)]
     x = np.concatenate(feats)
     if not np.isfinite(x).all():
         raise probe.ProbeError(f"{desc}: the step features hold NaN or infinite values; are "

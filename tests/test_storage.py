@@ -67,19 +67,28 @@ def test_local_writes_behave_as_files(tmp_path):
         storage.create_only(str(tmp_path / "g.bin"), b"again")
 
 
-def test_train_py_refuses_a_bad_url_or_a_bucket_out_of_reach_in_one_line(tmp_path):
+def test_train_py_refuses_a_bucket_out_of_reach_in_one_line(tmp_path):
     """No local folder named after the URL, nothing written (no storage server runs: the
     endpoint is a closed loopback port)."""
     env = dict(os.environ, STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{_free_port()}")
-    for workdir in ("gs:/bucket/demo", "foo://bucket/demo", "gs://bucket/demo"):
-        res = subprocess.run([sys.executable, os.path.join(REPO, "train.py"),
-                              "--config", os.path.join(REPO, "configs", "demo.py"),
-                              f"--workdir={workdir}"], capture_output=True, text=True,
-                             cwd=tmp_path, timeout=300, env=env)
-        assert res.returncode == 2, res.stderr[-2000:]
-        lines = [line for line in res.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and "--workdir" in lines[0], res.stderr
-        assert os.listdir(tmp_path) == []
+    res = subprocess.run([sys.executable, os.path.join(REPO, "train.py"),
+                          "--config", os.path.join(REPO, "configs", "demo.py"),
+                          "--workdir=gs://bucket/demo"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300, env=env)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--workdir gs://bucket/demo" in lines[0], res.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("workdir", ["gs:/bucket/demo", "foo://bucket/demo"])
+def test_training_refuses_a_bad_url_before_writing(workdir, tmp_path, monkeypatch):
+    from dwm_jax import train as train_lib
+    from tests.helpers import micro_config
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(storage.StorageError, match="--workdir"):
+        train_lib.train(micro_config(str(tmp_path / "data")), workdir, progress=False)
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("tool, argv", [
