@@ -66,6 +66,16 @@ $(ONNX_STAMP): $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP)
 	$(PY) -m pip install -q "setuptools<81"
 	touch $(ONNX_STAMP)
 
+# PSDS (the frame-level probe's PSDS1 / PSDS2) through sed_scores_eval: it names the PyPI
+# `pathlib` backport and Cython among its requirements, which Python 3.11 does not need, so
+# it comes without them; pandas below 3, whose read-only arrays its compiled code rejects
+PSDS_STAMP := $(VENV)/.psds
+$(PSDS_STAMP): $(STAMP) $(ONNX_STAMP)
+	$(PY) -m pip install -q "pandas>=2.2,<3" && \
+	    $(PY) -m pip install -q --no-deps sed_scores_eval==0.0.4 lazy_dataset==0.0.15 \
+	    einops==0.8.2 || echo "sed_scores_eval could not be installed: PSDS is left out"
+	touch $(PSDS_STAMP)
+
 # Compiling for TPU and GPU targets (python -m dwm_jax.compile) in a venv of its own: libtpu
 # and the CUDA plugin stay out of the main venv, whose jax then starts only its CPU backend
 AOT_VENV  := .venv-aot
@@ -89,11 +99,11 @@ $(DOCS_STAMP): $(STAMP)
 # The fast tier draws fewer examples in the property tests (each new grid shape compiles);
 # the whole suite draws the full number.
 FAST_EXAMPLES ?= 3
-test: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP) $(ONNX_STAMP)
+test: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP) $(ONNX_STAMP) $(PSDS_STAMP)
 	HYPOTHESIS_EXAMPLES=$(FAST_EXAMPLES) $(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
 
 test-all: $(STAMP) $(TORCH_STAMP) $(BEAM_STAMP) $(DEBS_STAMP) $(DOCS_STAMP) $(ONNX_STAMP) \
-	$(AOT_STAMP)
+	$(PSDS_STAMP) $(AOT_STAMP)
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 # the masking study at frame level: the demo recipe's strategies (5 x 3 seeds), each probed

@@ -70,7 +70,21 @@ def markdown_table(results: list[dict], step: int) -> str:
                      f"{score(r, 'encoder')} | {score(r, 'finetune')} | "
                      f"{score(r, 'random_init')} | {score(r, 'raw_logmel')} | "
                      f"{r['chance']:.3f} | {protocol} |")
+    lines += _where_in_time(results)
     return "\n".join(lines) + "\n"
+
+
+def _where_in_time(results: list[dict]) -> list[str]:
+    """Frame-level tasks' other scores: event F1 and, where computed, PSDS1 / PSDS2."""
+    out = []
+    for r in results:
+        for key in ("encoder", "random_init", "raw_logmel"):
+            got = r.get(key, {})
+            if "event_f1" in got:
+                psds = "".join(f", {name.upper()} {got[name]:.3f}" for name in ("psds1", "psds2")
+                               if name in got)
+                out.append(f"- {r['task']}, {key}: event F1 {got['event_f1']:.3f}{psds}")
+    return ["", "Where in time (frame-level tasks):", ""] + out if out else []
 
 
 def _earlier_results(path: str, step: int) -> dict:

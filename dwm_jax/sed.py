@@ -14,8 +14,8 @@ detected events. Scored as sed_eval does (``tests/test_sed.py`` compares):
 * segment-based F1 and error rate over ``cfg.segment_s`` segments (micro, over all files);
 * event-based F1 with a ``cfg.collar_s`` onset collar and an offset collar of
   max(collar, ``cfg.offset_fraction`` x the reference length), one-to-one matching;
-* PSDS (psds_eval, DCASE's scenario 1 settings) over the thresholds, where psds_eval is
-  installed and runs (its 0.5.3 fails under NumPy 2 and pandas 3: the error is recorded).
+* PSDS1 and PSDS2 (DCASE's two scenarios) through sed_scores_eval, threshold-independent,
+  on the median-filtered test probabilities, where sed_scores_eval is installed.
 
 The reference events are read from the frame targets (runs at 10 ms resolution): same-class
 rows of a table that overlap or meet are one event (the build merges them and says so).
@@ -241,36 +241,50 @@ def probe_frames(train: _Split, valid: _Split, test: _Split, cfg, step_s: float)
                valid_segment_f1=on_valid[threshold], median_window_steps=window,
                frame_map=probe.multilabel_scores(test.y, probe.logits(params, xte))["map"],
                **{k: v for k, v in info.items() if k != "valid_map"})
-    try:
-        psds = _psds(test, p_test, window, step_s, cfg)
-    except Exception as e:  # psds_eval against a pandas it does not support, and the like
-        out["psds_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    else:
-        if psds is not None:
-            out["psds"] = psds
+    filtered = [median_filter(p, window) for p in p_test]   # as the detections see them
+    scores = psds(filtered, test.seconds, test.reference, test.labels, step_s)
+    if scores is not None:
+        out.update(scores)
     return out
 
 
-def _psds(test: _Split, probs, window: int, step_s: float, cfg) -> float | None:
-    """PSDS (psds_eval; DCASE 2021 scenario 1: DTC = GTC = 0.7, CTTC 0.3, no penalties,
-    e_max 100 per hour) over ``cfg.thresholds``; None where psds_eval is not installed."""
-    if importlib.util.find_spec("psds_eval") is None:
+# DCASE's two PSDS scenarios (DCASE 2021 task 4 onwards): detection and ground-truth
+# intersection criteria, cross-trigger criterion and penalties, e_max 100 per hour
+PSDS_SCENARIOS = {
+    "psds1": dict(dtc_threshold=0.7, gtc_threshold=0.7, cttc_threshold=None, alpha_ct=0.0,
+                  alpha_st=1.0),
+    "psds2": dict(dtc_threshold=0.1, gtc_threshold=0.1, cttc_threshold=0.3, alpha_ct=0.5,
+                  alpha_st=1.0),
+}
+
+
+def psds(probs_per_clip, seconds, reference, labels, step_s: float) -> dict | None:
+    """PSDS1 and PSDS2 (sed_scores_eval, threshold-independent: every score is an operating
+    point) of per-step class scores. ``probs_per_clip``: [T'_i, C] per clip, step ``i``
+    covering [i * step_s, (i + 1) * step_s) cut at the clip's end; ``reference``: (onset,
+    offset, label) per clip. None where sed_scores_eval is not installed."""
+    if importlib.util.find_spec("sed_scores_eval") is None:
         return None
-    import pandas as pd
-    from psds_eval import PSDSEval
-    names = [f"clip{i}" for i in range(len(test.reference))]
-    truth = pd.DataFrame([(n, on, off, label) for n, ref in zip(names, test.reference)
-                          for on, off, label in ref],
-                         columns=["filename", "onset", "offset", "event_label"])
-    meta = pd.DataFrame({"filename": names, "duration": test.seconds})
-    evaluator = PSDSEval(dtc_threshold=0.7, gtc_threshold=0.7, cttc_threshold=0.3,
-                         ground_truth=truth, metadata=meta)
-    for t in cfg.thresholds:
-        found = [(n, on, off, label) for n, events in zip(
-            names, _detect(probs, test, t, window, step_s)) for on, off, label in events]
-        evaluator.add_operating_point(pd.DataFrame(
-            found, columns=["filename", "onset", "offset", "event_label"]))
-    return float(evaluator.psds(alpha_ct=0.0, alpha_st=0.0, max_efpr=100).value)
+    from sed_scores_eval import intersection_based
+    from sed_scores_eval.base_modules.scores import create_score_dataframe
+    names = [f"clip{i}" for i in range(len(seconds))]
+    scores = {}
+    for name, p, end in zip(names, probs_per_clip, seconds):
+        edges = np.minimum(np.arange(len(p) + 1) * step_s, end)
+        keep = np.flatnonzero(np.diff(edges) > 0)      # steps wholly past the end go
+        scores[name] = create_score_dataframe(np.asarray(p, np.float64)[keep],
+                                              np.append(edges[keep], edges[keep[-1] + 1]),
+                                              list(labels))
+    truth = {name: [(float(on), float(off), label) for on, off, label in ref]
+             for name, ref in zip(names, reference)}
+    durations = dict(zip(names, map(float, seconds)))
+    out = {}
+    for key, scenario in PSDS_SCENARIOS.items():
+        if len(labels) == 1:   # no other class to cross-trigger (sed_scores_eval needs one)
+            scenario = dict(scenario, cttc_threshold=None, alpha_ct=0.0)
+        out[key] = float(intersection_based.psds(scores, truth, durations, unit_of_time="hour",
+                                                 max_efpr=100.0, **scenario)[0])
+    return out
 
 
 def evaluate_frame_task(spec: str, data_dir: str, featurisers: dict, cfg, *,
